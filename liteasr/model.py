@@ -65,7 +65,7 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         h = x @ self.weight1  # (..., r): the cheap rank-r intermediate
-        return torch.addmm(self.bias, h.flatten(0, -2), self.weight2).view(*x.shape[:-1], self.out_features)
+        return torch.addmm(self.bias, h.reshape(-1, h.shape[-1]), self.weight2).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

