@@ -23,7 +23,8 @@ import torch
 import liteasr
 import liteasr.mlx
 from liteasr.bench import encoder_latency
-from liteasr.compress import PRESETS, apply_plan, calibrate, encoder_size, make_plan, select_calibration
+from liteasr.calibrate import calibrate, select_calibration
+from liteasr.compress import PRESETS, apply_plan, encoder_size, make_plan
 
 SPEECH_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "speech-dev" / "manifest.jsonl"
 
@@ -55,7 +56,8 @@ def main() -> None:
     models = build(args.model, args.calibration, args.num_clips, args.presets)
     print(f"{args.model} encoder, one 30-s window (batch 1), median of {args.repeats} after 1 warm-up; "
           f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), mlx {mx.__version__} on {mx.default_device()}")
+          f"({torch.get_num_threads()} threads), mlx {mx.__version__} on {mx.default_device()}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     columns = {"torch": "PyTorch fp32 ms", "mlx": f"MLX {args.mlx_dtype} ms"}
     print("\n| encoder | params | " + " | ".join(columns[b] for b in args.backends) + " |")
     print("| --- | ---: |" + " ---: |" * len(args.backends))
@@ -71,6 +73,7 @@ def main() -> None:
             cells.append(f"{ms:.0f} ({dense_ms[backend] / ms:.2f}x)")
         params = encoder_size(m)["encoder_params"] / 1e6
         print(f"| {args.model} {label} | {params:.1f} M | " + " | ".join(cells) + " |", flush=True)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 if __name__ == "__main__":
     main()

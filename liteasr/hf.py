@@ -49,7 +49,7 @@ def check_low_rank_config(low_rank_config, n_layers: int) -> list[dict[str, int]
                              f"allowed: {', '.join(LOW_RANK_KEYS)}")
         bad = {k: r for k, r in ranks.items() if isinstance(r, bool) or not isinstance(r, int) or r < 1}
         if bad:
-            raise ValueError(f"low_rank_config[{i}] (encoder layer {i}) has invalid ranks {bad}: ranks are positive ints")
+            raise ValueError(f"low_rank_config[{i}] (encoder layer {i}) has invalid ranks {bad} (positive ints)")
     return [dict(ranks) for ranks in low_rank_config]
 
 
@@ -89,16 +89,19 @@ class LiteWhisperEncoderLayer(WhisperEncoderLayer):
     skeleton is built on the meta device, so no dense weight of a factored linear is ever allocated."""
 
     def __init__(self, config: WhisperConfig, ranks: dict[str, int]) -> None:
-        device = torch.get_default_device()  # "meta" already when transformers 5 builds for from_pretrained
+        device = torch.empty(0).device  # the caller's: "meta" already when transformers 5 loads a checkpoint
         with torch.device("meta"):
             super().__init__(config)
             for name, rank in ranks.items():
                 parent = self if name in ("fc1", "fc2") else self.self_attn
                 dense = getattr(parent, name)
                 setattr(parent, name, LowRankLinear(dense.in_features, dense.out_features, rank))
-        self.to_empty(device=device)
-        for module in self.modules():  # initialise as the constructors do (a no-op under from_pretrained)
-            if hasattr(module, "reset_parameters"):
+        # Allocate and initialise the rest as the constructors would; through setattr (register_parameter),
+        # which transformers 4.x's init_empty_weights redirects to meta while it loads a checkpoint.
+        for module in self.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(torch.empty_like(p, device=device), p.requires_grad))
+            if hasattr(module, "reset_parameters"):  # a no-op under from_pretrained's no_init_weights
                 module.reset_parameters()
 
 
@@ -110,6 +113,7 @@ class LiteWhisperForConditionalGeneration(WhisperForConditionalGeneration):
     """
 
     config_class = LiteWhisperConfig
+    _no_split_modules = ["LiteWhisperEncoderLayer", "WhisperEncoderLayer", "WhisperDecoderLayer"]
 
     def __init__(self, config: LiteWhisperConfig) -> None:
         n_layers = config.encoder_layers
@@ -138,12 +142,13 @@ def check_loading_info(model: nn.Module, info: dict) -> None:
     problems += [f"{k}: in the checkpoint, not in the model" for k in info.get("unexpected_keys", ())]
     for m in info.get("mismatched_keys", ()):  # transformers 5: (key, checkpoint shape, model shape); 4.x: key
         key, found = (m[0], tuple(m[1])) if isinstance(m, tuple) else (m, "another")
-        problems.append(f"{key}: shape {tuple(model.get_parameter(key).shape)} from config.json, {found} in the checkpoint")
+        expected = tuple(model.get_parameter(key).shape)
+        problems.append(f"{key}: shape {expected} from config.json, {found} in the checkpoint")
     if problems:
         layers = sorted({int(p.split(".layers.")[1].split(".")[0]) for p in problems if ".encoder.layers." in p})
         ranks = "".join(f"\n  low_rank_config[{i}] = {model.config.low_rank_config[i]}" for i in layers)
         raise ValueError("the checkpoint does not match the model that config.json describes:\n  "
-                         + "\n  ".join(sorted(problems)) + (ranks and "\nranks in config.json (encoder layer: ranks):" + ranks))
+                         + "\n  ".join(sorted(problems)) + (ranks and "\nranks in config.json:" + ranks))
 
 
 def fill_generation_defaults(gen: GenerationConfig, config: WhisperConfig) -> None:
@@ -232,7 +237,7 @@ def export(model, output, base_model: str | None = None, eval_report: str | None
         config["auto_map"] = AUTO_MAP
         (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         size = sum(f.stat().st_size for f in staged.glob("*.safetensors"))
-        base = base_model or PYPI_BASE_MODELS.get(compression.get("model"), compression.get("model"))
+        base = base_model or _hub_id(compression.get("model"))
         (staged / "README.md").write_text(model_card(out.name, config, size, base, compression, report))
         if out.exists():
             shutil.rmtree(out)
@@ -288,18 +293,25 @@ def model_card(name: str, config: dict, size_bytes: int, base_model: str | None,
                report: dict | None) -> str:
     """README.md of an exported model: metadata, thresholds, ranks, sizes, WER and calibration."""
     lrc, d, ffn = config["low_rank_config"], config["d_model"], config["encoder_ffn_dim"]
-    shapes = [{"fc1": (d, ffn), "fc2": (ffn, d)}.get(k, (d, d)) for k in LOW_RANK_KEYS]
+    shapes = [{"fc1": (d, ffn), "fc2": (ffn, d)}.get(k, (d, d)) for k in LOW_RANK_KEYS]  # (in, out)
     before = len(lrc) * sum(i * o for i, o in shapes)
-    after = sum(ranks[k] * (i + o) if k in ranks else i * o for ranks in lrc for k, (i, o) in zip(LOW_RANK_KEYS, shapes))
+    after = sum(r[k] * (i + o) if k in r else i * o for r in lrc for k, (i, o) in zip(LOW_RANK_KEYS, shapes))
     rows = ["| layer | " + " | ".join(LOW_RANK_KEYS) + " |", "|---" * (len(LOW_RANK_KEYS) + 1) + "|"]
     rows += [f"| {i} | " + " | ".join(str(r.get(k, "dense")) for k in LOW_RANK_KEYS) + " |" for i, r in enumerate(lrc)]
-    o = (report or {}).get("overall")
-    wer = f"{100 * o['error_rate']:.2f} % ({o['metric']}) on {report.get('manifest', '?')}, {o['n']} clips" if o else "not measured"
-    clips = compression.get("calibration")
+    wer, clips = "not measured", compression.get("calibration")
+    if report:
+        o, data = report["overall"], Path(report.get("manifest", "?"))
+        wer = f"{100 * o['error_rate']:.2f} % ({o['metric']}) on {data.parent.name or data.name}, {o['n']} clips"
     return CARD.format(
         name=name, base_model=f"base_model: {base_model}\n" if base_model else "", base=base_model or "A Whisper model",
         theta=":".join(map(str, compression["threshold"])) if "threshold" in compression else "not recorded",
-        factored=sum(len(r) for r in lrc), total=len(lrc) * len(LOW_RANK_KEYS), before=before / 1e6, after=after / 1e6,
+        factored=sum(map(len, lrc)), total=len(lrc) * len(LOW_RANK_KEYS), before=before / 1e6, after=after / 1e6,
         percent=100 * after / before, size=size_bytes / 1e6, dtype=config.get("torch_dtype", "?"), wer=wer,
-        calibration=f"{len(clips)} clips, statistics over {compression.get('frames', '?')} frames" if clips else "not recorded",
-        ranks="\n".join(rows))
+        calibration=f"{len(clips)} clips, statistics over {compression.get('frames', '?')} frames" if clips
+        else "not recorded", ranks="\n".join(rows))
+
+
+def _hub_id(name: str | None) -> str | None:
+    """The hub id of a base model named in compression.json (PyPI names mapped; local paths dropped)."""
+    name = PYPI_BASE_MODELS.get(name, name)
+    return name if name and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists() else None

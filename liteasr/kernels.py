@@ -12,13 +12,14 @@ so the core is multi-query attention with score dim r_k and value dim r_v, follo
 projection. Its matmuls cost less than dense attention's when r_k + r_v < 2 d_h; the exponentials cost the same.
 """
 
-import math
 import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .model import Attention, LowRankLinear
 
 try:  # optional: CUDA builds of torch ship Triton; without it `lowrank_attention` falls back to the reference
     import triton
@@ -85,12 +86,12 @@ if HAS_TRITON:
         return acc, l_i, m_new
 
     @triton.jit
-    def _lowrank_attn_fwd(Q, K, V, O, n_rows, T, r_k, r_v, qk_scale,
+    def _lowrank_attn_fwd(Q, K, V, Out, n_rows, T, r_k, r_v, qk_scale,
                           stride_qb, stride_qm, stride_kb, stride_kn, stride_vb, stride_vn, stride_ob, stride_om,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr):
-        # O[b, m] = softmax_n(Q[b, m] . K[b, n] * scale) V[b, n] for BLOCK_M query rows of batch element b.
+        # Out[b, m] = softmax_n(Q[b, m] . K[b, n] * scale) V[b, n] for BLOCK_M query rows of batch element b.
         # Q (B, n_rows, r_k) holds every head's queries as rows; K (B, T, r_k) and V (B, T, r_v) are shared by all
-        # of them; O (B, n_rows, r_v). Last dims contiguous. RK, RV: r_k, r_v padded to powers of two >= 16.
+        # of them; Out (B, n_rows, r_v). Last dims contiguous. RK, RV: r_k, r_v padded to powers of two >= 16.
         b = tl.program_id(1).to(tl.int64)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, RK)
@@ -111,7 +112,7 @@ if HAS_TRITON:
             acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, K, V, t_full, T, r_k, r_v, qk_scale, stride_kn, stride_vn,
                                        BLOCK_N, RK, RV, True)
         acc = acc / l_i[:, None]
-        tl.store(O + b * stride_ob + offs_m[:, None] * stride_om + offs_v[None, :], acc.to(O.dtype.element_ty),
+        tl.store(Out + b * stride_ob + offs_m[:, None] * stride_om + offs_v[None, :], acc.to(Out.dtype.element_ty),
                  mask=m_ok & (offs_v[None, :] < r_v))
 
 
@@ -121,15 +122,16 @@ def _pad(r: int) -> int:
 
 def _config(rk: int, rv: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for padded ranks. The fp32 (BLOCK_M, RV) accumulator and the
-    (BLOCK_M, RK) query tile live in registers and each pipeline stage holds a K' and a V' tile in shared memory:
-    these are the largest tiles that compile for sm_90 without register spills and within 227 KB (checked with
-    cuobjdump --dump-resource-usage); benchmarks/attention_kernel.py --sweep times the alternatives."""
+    (BLOCK_M, RK) query tile live in registers; each pipeline stage holds a K' and a V' tile in shared memory.
+    Up to rank 128, BLOCK_M = 128 rows share every K'/V' tile; warps and stages are set so that sm_90 builds
+    have no register spills and fit in 227 KB (Triton 3.9 AOT builds read with cuobjdump
+    --dump-resource-usage). benchmarks/attention_kernel.py --sweep times the alternatives on a GPU."""
     width = max(rk, rv)
     if width <= 64:
         return 128, 64, 4, 3  # <= 209 registers, <= 64 KB
     if width <= 128:
         return 128, 64, 8, 3  # 158 registers, 128 KB
-    return 128, 64, 8, 2  # 236 registers, 192 KB
+    return 64, 64, 8, 2  # 180 registers, 160 KB (128 rows fit too, at 192 KB: too close to the limit)
 
 
 def _aligned(x: Tensor) -> bool:
@@ -157,6 +159,8 @@ def _launch(q: Tensor, k: Tensor, v: Tensor, o: Tensor, scale: float, config: tu
     T, r_v = v.shape[1:]
     rk, rv = _pad(r_k), _pad(r_v)
     block_m, block_n, num_warps, num_stages = config or _config(rk, rv)
+    # Programs over (row blocks, batch): block ids run fastest, so programs that run together read the same
+    # sequence's K'/V' (a few hundred KB) from L2; within a program each K'/V' tile serves BLOCK_M rows.
     grid = (triton.cdiv(n_rows, block_m), batch)
     _traceable(_lowrank_attn_fwd)[grid](
         q, k, v, o, n_rows, T, r_k, r_v, scale * LOG2E,
@@ -198,8 +202,8 @@ def lowrank_attention(x_q: Tensor, x_k: Tensor, x_v: Tensor, m_qk: Tensor, bias_
     """`lowrank_attention_reference` through the Triton kernel: same arguments, shapes and result.
 
     Needs CUDA tensors in fp16 or bf16, all of one dtype, with contiguous last dims (x_q, x_k, x_v may have any
-    row stride). Without Triton, or on CPU tensors, it warns (once per reason, Python's default filter) and
-    returns the reference's result.
+    row stride). Forward only (no autograd). Without Triton, or on CPU tensors, it warns (once per reason, by
+    Python's default filter) and returns the reference's result.
     """
     reason = None
     if not HAS_TRITON:
@@ -234,15 +238,13 @@ def prefer_lowrank(r_k: int, r_v: int, d_h: int) -> bool:
     return r_k + r_v < 2 * d_h
 
 
-def factors_from_attention(attn) -> dict:
+def factors_from_attention(attn: Attention) -> dict:
     """The arguments of `lowrank_attention` for a liteasr `model.Attention` whose q/k/v are `LowRankLinear`.
 
     Returns a dict with A_q (d, r_q), A_k (d, r_k), A_v (d, r_v) (the weight1 parameters: x_* = X @ A_*),
     m_qk (H, r_q, r_k), bias_qk (H, r_k), b_v_heads (H, r_v, d_h), bias_v (d,), n_head and scale. The key bias
     is not needed. Products are formed in at least fp32 and stored in the parameters' dtype.
     """
-    from .model import LowRankLinear
-
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     assert all(isinstance(m, LowRankLinear) for m in (q, k, v)), "q_proj, k_proj and v_proj must be LowRankLinear"
     H, d = attn.n_head, q.out_features

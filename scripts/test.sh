@@ -9,3 +9,5 @@ if ! command -v ffmpeg >/dev/null && command -v apt-get >/dev/null && [ "$(id -u
 fi
 .venv/bin/liteasr fetch tiny.en base >/dev/null
 .venv/bin/python -m pytest -q -m "not requires_cuda" -rs "$@"
+# transformers 4.x leg (liteasr supports transformers 4.49+ and 5.x): tests/test_hf.py in .venv-tf4
+bash scripts/test-transformers4.sh

@@ -162,7 +162,8 @@ class TextDecoder(nn.Module):
         return cache
 
     def __call__(self, tokens: mx.array, cache: KVCache, offset: int = 0) -> mx.array:
-        """tokens (B, T) at positions offset..offset+T-1 (offset = positions already cached) -> logits (B, T, vocab), float32."""
+        """tokens (B, T) at positions offset..offset+T-1 -> logits (B, T, vocab) in float32; `offset`
+        is the number of positions already in the cache."""
         x = self.embed_tokens(tokens) + self.embed_positions.weight[offset: offset + tokens.shape[1]]
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i)
