@@ -80,6 +80,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # generate's per-call deprecation notes would swamp the table
+    hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

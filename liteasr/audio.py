@@ -64,7 +64,7 @@ def _decode_ffmpeg(path: str, sr: int) -> np.ndarray:
     if proc.returncode != 0:
         lines = proc.stderr.decode(errors="replace").strip().splitlines()
         raise ValueError(f"{path}: cannot decode audio (ffmpeg: {lines[-1] if lines else proc.returncode})")
-    return np.frombuffer(proc.stdout, dtype=np.float32)
+    return np.frombuffer(proc.stdout, dtype=np.float32).copy()  # writable, like soundfile's arrays
 
 
 def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:

@@ -27,6 +27,8 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 def parse_threshold(threshold: str | float) -> tuple[float, float]:
     """'0.99:0.999' -> (attention θ, MLP θ); a single number or a preset letter (a, b, c) also works."""
+    if isinstance(threshold, (tuple, list)):  # (θ_attention, θ_mlp), e.g. a saved plan's threshold
+        threshold = ":".join(str(t) for t in threshold)
     text = PRESETS.get(str(threshold), str(threshold))
     parts = text.split(":")
     try:

@@ -24,7 +24,7 @@ from .decoding import DecodingOptions, DecodingResult, decode
 from .model import Whisper
 from .tokenizer import TIME_PRECISION, Tokenizer
 
-SILENCE_PEAK = 10 ** (-60 / 20)  # a window whose peak is below -60 dBFS holds no audible speech
+SILENCE_RMS = 10 ** (-60 / 20)  # a window whose RMS level is below -60 dBFS holds no audible speech
 OUTPUT_FORMATS = ("txt", "json", "srt", "vtt")
 
 
@@ -123,7 +123,8 @@ def _window(s: _State) -> torch.Tensor:
 def _is_silent(s: _State) -> bool:
     a, b = s.seek * HOP_LENGTH, (s.seek + N_FRAMES) * HOP_LENGTH
     chunk = s.audio[a:b]
-    return chunk.size == 0 or float(np.abs(chunk).max()) < SILENCE_PEAK
+    # RMS, not peak: faint broadband noise has peaks 10-15 dB above its RMS level
+    return chunk.size == 0 or float(np.sqrt(np.mean(np.square(chunk, dtype=np.float64)))) < SILENCE_RMS
 
 
 def _advance(s: _State, r: DecodingResult, opts: TranscribeOptions, tok: Tokenizer) -> None:
@@ -168,9 +169,13 @@ def _segment(tokens: list[int], start: float, end: float, r: DecodingResult, tok
 
 
 def _finish(s: _State) -> dict:
+    duration = round(len(s.audio) / SAMPLE_RATE, 3)
     segments = [seg for seg in s.segments if seg["text"]]
+    for seg in segments:  # the model may stamp an end inside the zero padding after the audio
+        seg["end"] = min(seg["end"], duration)
+        seg["start"] = min(seg["start"], seg["end"])
     return {"text": " ".join(seg["text"] for seg in segments).strip(), "language": s.language or "en",
-            "segments": segments, "duration": round(len(s.audio) / SAMPLE_RATE, 3)}
+            "segments": segments, "duration": duration}
 
 
 # ---------------------------------------------------------------------------------------------------
