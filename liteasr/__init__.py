@@ -5,21 +5,23 @@
     print(model.transcribe("audio.flac")["text"])
 """
 
+import importlib.abc
+import importlib.util
+import sys
+
 from .checkpoint import load_model, save
+from .compress import compress
 from .model import LowRankLinear, Whisper
 from .transcribe import transcribe
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "save", "transcribe", "LowRankLinear", "Whisper", "__version__"]
+__all__ = ["load_model", "compress", "save", "transcribe", "LowRankLinear", "Whisper", "__version__"]
 
 
 def _register_transformers() -> None:
     """With transformers installed, its Auto classes and pipeline() load lite-whisper directories (liteasr.hf)."""
-    import importlib.util
     import warnings
 
-    if importlib.util.find_spec("transformers") is None:
-        return
     try:
         from .hf import register
     except ImportError as e:  # e.g. a transformers older than 4.49: liteasr itself still works
@@ -28,4 +30,28 @@ def _register_transformers() -> None:
     register()
 
 
-_register_transformers()
+class _RegisterWhenImported(importlib.abc.MetaPathFinder):
+    """Registers liteasr.hf right after `transformers` is first imported, so `import liteasr` stays
+    fast (transformers takes seconds to import) and `AutoModel.from_pretrained(lite_dir)` still works."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module) -> None:
+            exec_module(module)
+            _register_transformers()
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+if "transformers" in sys.modules:
+    _register_transformers()
+elif importlib.util.find_spec("transformers") is not None:
+    sys.meta_path.insert(0, _RegisterWhenImported())
