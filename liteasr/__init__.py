@@ -22,6 +22,9 @@ def _register_transformers() -> None:
     """With transformers installed, its Auto classes and pipeline() load lite-whisper directories (liteasr.hf)."""
     import warnings
 
+    hf = sys.modules.get(__name__ + ".hf")
+    if hf is not None and not hasattr(hf, "register"):
+        return  # liteasr.hf is mid-import (it imported transformers first); it registers on its last line
     try:
         from .hf import register
     except ImportError as e:  # e.g. a transformers older than 4.49: liteasr itself still works

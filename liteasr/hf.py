@@ -315,3 +315,6 @@ def _hub_id(name: str | None) -> str | None:
     """The hub id of a base model named in compression.json (PyPI names mapped; local paths dropped)."""
     name = PYPI_BASE_MODELS.get(name, name)
     return name if name and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists() else None
+
+
+register()  # importing this module first (before transformers) still registers: see liteasr/__init__.py

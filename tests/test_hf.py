@@ -201,6 +201,16 @@ def test_register_is_idempotent_and_auto_classes_resolve(published_dir):
     assert isinstance(model.model.encoder.layers[0].self_attn.k_proj, hf.LowRankLinear)
 
 
+@pytest.mark.parametrize("first", ["import liteasr; import transformers", "import liteasr.hf"])
+def test_registration_whichever_is_imported_first(first, published_dir):
+    """liteasr registers lazily, when transformers is first imported; importing liteasr.hf first (which
+    imports transformers while it is half-initialised) must still register, and without a warning."""
+    code = (f"import warnings; warnings.simplefilter('error'); {first}\n"
+            f"from transformers import AutoConfig; print(type(AutoConfig.from_pretrained({str(published_dir)!r})).__name__)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == "LiteWhisperConfig", run.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------------
 # parity and the published layout
 
@@ -235,7 +245,8 @@ def test_published_layout_on_disk(published_dir):
 def test_published_layout_transcribes_through_both(published_dir, hf_tiny_lite, jfk):
     ours = liteasr.load_model(published_dir).transcribe(np.array(jfk))["text"]
     asr = pipeline("automatic-speech-recognition", model=str(published_dir))
-    theirs = asr(np.array(jfk))["text"]
+    # The pipeline decodes with beam search (num_beams=5) by default, liteasr greedily: compare like with like.
+    theirs = asr(np.array(jfk), generate_kwargs={"num_beams": 1})["text"]
     print(f"liteasr:      {ours!r}\ntransformers: {theirs!r}")
     assert JFK_PHRASE in _words(ours)
     assert _words(theirs) == _words(ours)
