@@ -174,6 +174,10 @@ def cmd_sweep(args) -> None:
         if args.target_sizes:
             methods["budget" + (" + sequential" if seq else "")] = [
                 {"target_size": f, "sequential": seq, "frames": frames} for f in args.target_sizes]
+    if args.recover_steps and args.target_sizes:
+        methods["budget + sequential + recovery" if args.sequential_budget else "budget + recovery"] = [
+            {"target_size": f, "sequential": args.sequential_budget, "frames": frames,
+             "recover_steps": args.recover_steps} for f in args.target_sizes]
     rows = sweep(model, calibration, evaluation, args.thresholds, tuple(args.frames), args.batch_size,
                  args.output, progress=not args.no_progress, methods=methods)
     print(table(rows))
@@ -293,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sizes", nargs="*", type=float, default=[],
                    help="budgeted allocation points (fractions of the encoder linear parameters)")
     p.add_argument("--sequential-budget", action="store_true", help="also run the budget points sequentially")
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="also run the budget points followed by this many recovery (distillation) steps")
     p.add_argument("--num-clips", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out clips")

@@ -166,13 +166,14 @@ class DecoderLayer(nn.Module):
         self.fc2 = nn.Linear(d_ffn, d)
         self.final_layer_norm = nn.LayerNorm(d)
 
-    def forward(self, x: Tensor, cache: KVCache, i: int, pos: Tensor, mask: Tensor) -> Tensor:
-        """x (B, T, d) at positions pos (T,); writes this step's keys/values into cache layer i."""
+    def forward(self, x: Tensor, cache: KVCache, i: int, pos: Tensor, mask: Tensor | None, n_keys: int) -> Tensor:
+        """x (B, T, d) at positions pos (T,); writes this step's keys/values into cache layer i and
+        attends to its first n_keys positions."""
         attn = self.self_attn
         h = self.self_attn_layer_norm(x)
         cache.self_k[i].index_copy_(2, pos, attn.heads(attn.k_proj(h)))
         cache.self_v[i].index_copy_(2, pos, attn.heads(attn.v_proj(h)))
-        x = x + attn(h, cache.self_k[i], cache.self_v[i], mask)
+        x = x + attn(h, cache.self_k[i][:, :, :n_keys], cache.self_v[i][:, :, :n_keys], mask)
         x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), cache.cross_k[i], cache.cross_v[i])
         return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
 
@@ -202,13 +203,22 @@ class TextDecoder(nn.Module):
 
     def forward(self, tokens: Tensor, cache: KVCache, offset: int | Tensor = 0) -> Tensor:
         """tokens (B, T) placed at positions offset..offset+T-1 -> logits (B, T, vocab), in float32."""
-        pos = torch.arange(tokens.shape[1], device=tokens.device) + offset  # (T,)
-        # Causal mask over the whole static cache: key j is visible to query i iff j <= pos[i].
-        keys = torch.arange(self.embed_positions.num_embeddings, device=tokens.device)
-        mask = keys[None, :] <= pos[:, None]  # (T, n_ctx)
+        t = tokens.shape[1]
+        pos = torch.arange(t, device=tokens.device) + offset  # (T,)
+        if isinstance(offset, int):
+            # Eager: attend to the filled prefix only (a view of the cache, no copy). A single new
+            # token sees the whole prefix, so it needs no mask; decode steps are memory-bound and
+            # this skips reading the empty rest of the n_ctx = 448 slots.
+            n_keys = offset + t
+            mask = None if t == 1 else torch.arange(n_keys, device=tokens.device)[None, :] <= pos[:, None]
+        else:
+            # Tensor offset (a captured graph replays one shape): the whole static cache under a
+            # causal mask; key j is visible to query i iff j <= pos[i].
+            n_keys = self.embed_positions.num_embeddings
+            mask = torch.arange(n_keys, device=tokens.device)[None, :] <= pos[:, None]  # (T, n_ctx)
         x = self.embed_tokens(tokens) + self.embed_positions(pos)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cache, i, pos, mask)
+            x = layer(x, cache, i, pos, mask, n_keys)
         x = self.layer_norm(x)
         return (x @ self.embed_tokens.weight.T).float()  # output projection tied to the embedding
 

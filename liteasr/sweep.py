@@ -77,10 +77,18 @@ def sweep(model: Whisper, calibration: list[Clip], evaluation: list[Clip], thres
     for curve, points in (methods or {}).items():
         for kwargs in points:
             compressed = copy.deepcopy(model)
-            plan = compress(compressed, paths, batch_size=batch_size, progress=progress, ids=ids, **kwargs)
+            steps = kwargs.get("recover_steps", 0)
+            plan = compress(compressed, paths, batch_size=batch_size, progress=progress, ids=ids,
+                            **{k: v for k, v in kwargs.items() if k != "recover_steps"})
+            recovery = None
+            if steps:  # distil toward the dense model on the calibration clips only (recover.py)
+                from .recover import recover
+
+                recovery = recover(compressed, model, paths, steps=steps, refs=[c.text for c in calibration],
+                                   progress=progress)
             label = f"{curve} " + ",".join(f"{k}={v}" for k, v in kwargs.items() if k not in ("frames",))
             add(compressed, label, curve, {"threshold": kwargs.get("threshold"), "frames": plan.frames,
-                                           "method": kwargs, "allocation": plan.allocation})
+                                           "method": kwargs, "allocation": plan.allocation, "recovery": recovery})
     return rows
 
 

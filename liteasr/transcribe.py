@@ -83,6 +83,9 @@ def _run(model: Whisper, states: list[_State], opts: TranscribeOptions) -> None:
     total = sum(s.frames for s in states)
     with tqdm(total=total, unit="frames", disable=not opts.progress, desc="transcribe") as bar:
         while active := [s for s in states if s.seek < s.frames]:
+            # Longest remaining audio first: windows of similar length decode for a similar number
+            # of steps, so a batch wastes fewer steps on rows that already reached <|endoftext|>.
+            active.sort(key=lambda s: s.frames - s.seek, reverse=True)
             for i in range(0, len(active), opts.batch_size):
                 batch = active[i: i + opts.batch_size]
                 before = sum(s.seek for s in batch)
