@@ -54,12 +54,25 @@ def detect_language(model: Whisper, audio_features: Tensor, cache=None) -> tuple
     return [codes[i] for i in probs.argmax(-1).tolist()], probs.cpu()
 
 
-@torch.inference_mode()
 def decode(model: Whisper, mel: Tensor, options: DecodingOptions = DecodingOptions(),
            languages: list[str] | None = None) -> list[DecodingResult]:
     """Greedy-decode a batch of windows: mel (B, n_mels, 3000) -> one DecodingResult per window.
 
-    `languages` overrides options.language per window (e.g. a language detected once per file)."""
+    `languages` overrides options.language per window (e.g. a language detected once per file).
+    On a CUDA model this runs liteasr.runtime's fast path (fused encoder and a CUDA-graph decode step,
+    same token rules); LITEASR_RUNTIME=eager selects `decode_reference` everywhere."""
+    if next(model.parameters()).is_cuda:
+        from .runtime import fast_decode, fast_path_disabled
+
+        if fast_path_disabled() is None:
+            return fast_decode(model, mel, options, languages)
+    return decode_reference(model, mel, options, languages)
+
+
+@torch.inference_mode()
+def decode_reference(model: Whisper, mel: Tensor, options: DecodingOptions = DecodingOptions(),
+                     languages: list[str] | None = None) -> list[DecodingResult]:
+    """`decode` through model.py's forward, one eager decoder call per token: the reference of every fast path."""
     tok: Tokenizer = model.tokenizer
     mel = mel.to(next(model.parameters()).dtype)
     audio_features = model.encoder(mel)  # (B, 1500, d)

@@ -1,0 +1,218 @@
+"""liteasr.runtime: the fast encoder (weight-sharing copy with fused q/k/v) and the graph-captured greedy decoder
+(DecoderRunner) against the reference path (model.py's forward, liteasr.decoding.decode_reference).
+
+CPU tests run the decoder's step eagerly (use_graphs=False: the very code a CUDA graph captures); the
+`requires_cuda` tests capture it and compare with the reference on the GPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from liteasr import decoding
+from liteasr.decoding import DecodingOptions, decode_reference
+from liteasr.model import Dims, Whisper
+from liteasr.runtime import (CudaRuntime, GreedyState, TokenRules, _fast_decode, _RuleTensors, fast_decode,
+                             fast_encoder, select_tokens)
+from liteasr.tokenizer import Tokenizer
+
+SMALL = Dims(num_mel_bins=80, vocab_size=51864, d_model=64, encoder_layers=2, encoder_attention_heads=2,
+             encoder_ffn_dim=128, decoder_layers=2, decoder_attention_heads=2, decoder_ffn_dim=128)
+LOW_RANK = [{"q_proj": 8, "k_proj": 12, "v_proj": 16, "fc1": 24}, {"out_proj": 20, "fc2": 16}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    """tiny.en's tokenizer (English-only vocabulary of 51864)."""
+    from liteasr.fetch import fetch_model
+
+    return Tokenizer.from_dir(fetch_model("tiny.en", quiet=True))
+
+
+def small_model(tok: Tokenizer, low_rank=None, timestamp_boost: float = 1.0, seed: int = 0) -> Whisper:
+    """A random English-only model of SMALL shapes. Default embedding init N(0, 1) gives peaky logits (std ~8),
+    so near-ties that rounding could flip are rare; timestamp_boost > 1 scales the timestamp tokens' embeddings
+    so that the timestamp rules are exercised."""
+    torch.manual_seed(seed)
+    model = Whisper(SMALL, low_rank).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "weight1"):
+                m.weight1.normal_(0, m.in_features ** -0.5)
+                m.weight2.normal_(0, m.rank ** -0.5)
+        model.decoder.embed_tokens.weight[tok.timestamp_begin:] *= timestamp_boost
+    model.tokenizer = tok
+    return model
+
+
+def same_results(got, ref) -> None:
+    assert [r.tokens for r in got] == [r.tokens for r in ref]
+    assert [r.text for r in got] == [r.text for r in ref]
+    for g, r in zip(got, ref):
+        # the cached step attends to all 448 slots under a mask, the reference to the filled prefix: the same
+        # sums in another order, so log-probabilities agree to float32 rounding
+        assert g.avg_logprob == pytest.approx(r.avg_logprob, rel=1e-4, abs=1e-4)
+        assert g.no_speech_prob == pytest.approx(r.no_speech_prob, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# token selection
+
+
+def state_from(generated: list[list[int]], ts0: int) -> GreedyState:
+    st = GreedyState(len(generated), 448, torch.device("cpu"))
+    for i, seq in enumerate(generated):
+        st.n_gen[i] = len(seq)
+        st.last[i] = seq[-1] if seq else -1
+        st.prev[i] = seq[-2] if len(seq) >= 2 else -1
+        stamps = [t for t in seq if t >= ts0]
+        st.last_stamp[i] = stamps[-1] if stamps else -1
+    return st
+
+
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("timestamps", [True, False])
+def test_select_tokens_masks_like_reference(tokenizer, first, timestamps):
+    """select_tokens (vectorised, on device) masks exactly like decode_reference's loop body, for histories that
+    cover every branch of the timestamp rules."""
+    tok, ts0 = tokenizer, tokenizer.timestamp_begin
+    generated = [[], [ts0 + 3], [ts0 + 3, 400], [ts0 + 3, 400, ts0 + 9], [ts0 + 3, 400, ts0 + 9, ts0 + 9],
+                 [500, 600], [ts0, ts0], [ts0 + 5, 700, ts0 + 8, ts0 + 8, 800]]
+    if first:
+        generated = [[] for _ in generated]
+    logits = torch.randn(len(generated), SMALL.vocab_size) * 4
+    logits[:, ts0:] += 3.0  # timestamps as likely as text for some rows
+    rules = TokenRules.from_tokenizer(tok, timestamps)
+    ref = logits.clone()
+    ref[:, torch.tensor(tok.suppress_tokens)] = -float("inf")
+    if first:
+        ref[:, torch.tensor(rules.begin_suppress)] = -float("inf")
+    if timestamps:
+        decoding._timestamp_rules(ref, generated, tok, first=first, max_initial=rules.max_initial)
+    got = logits.clone()
+    st = state_from(generated, ts0)
+    nxt = select_tokens(got, st, _RuleTensors(rules, SMALL.vocab_size, torch.device("cpu")), first)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)) and torch.equal(got, ref)
+    assert torch.equal(nxt, ref.argmax(-1))
+    lp = ref.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
+    assert torch.equal(st.sum_logprob, lp) and torch.equal(st.history[:, 0], nxt)
+    assert torch.equal(st.done, nxt == tok.eot) and int(st.offset) == 1 and int(st.step) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# whole decode, eager steps on CPU
+
+
+@pytest.mark.parametrize("low_rank", [None, LOW_RANK], ids=["dense", "factored"])
+@pytest.mark.parametrize("timestamps,boost", [(False, 1.0), (True, 1.0), (True, 1.6)])
+def test_runner_decode_equals_reference_cpu(tokenizer, low_rank, timestamps, boost):
+    model = small_model(tokenizer, low_rank, boost)
+    mel = torch.randn(3, SMALL.num_mel_bins, 3000)
+    options = DecodingOptions(timestamps=timestamps, max_new_tokens=40)
+    ref = decode_reference(model, mel, options)
+    rt = CudaRuntime(model, use_graphs=False)
+    rt.decoder.check_every = 5  # chunks end at steps that do not divide max_new: the look-behind is exercised
+    got = _fast_decode(model, mel, options, None, rt)
+    same_results(got, ref)
+    if boost > 1:  # the rules were exercised: timestamps were emitted
+        assert any(t >= tokenizer.timestamp_begin for r in ref for t in r.tokens)
+    again = _fast_decode(model, mel[:2], options, None, rt)  # another batch size, reused runtime
+    same_results(again, ref[:2])
+
+
+def test_runner_stops_at_eot_like_reference(tokenizer):
+    """Rows that end early keep tokens up to <|endoftext|>; the loop stops once every row ended."""
+    model = small_model(tokenizer)
+    with torch.no_grad():  # make <|endoftext|> likely after a few tokens
+        model.decoder.embed_tokens.weight[tokenizer.eot] *= 2.5
+    mel = torch.randn(4, SMALL.num_mel_bins, 3000)
+    options = DecodingOptions(max_new_tokens=60)
+    ref = decode_reference(model, mel, options)
+    got = _fast_decode(model, mel, options, None, CudaRuntime(model, use_graphs=False))
+    same_results(got, ref)
+
+
+def test_fast_encoder_shares_weights_and_matches(tokenizer):
+    model = small_model(tokenizer, LOW_RANK)
+    keys = list(model.state_dict())
+    enc = fast_encoder(model.encoder)
+    assert list(model.state_dict()) == keys  # the model is untouched
+    assert type(model.encoder.layers[0].self_attn).__name__ == "Attention"
+    assert enc.layers[0].fc1.weight1 is model.encoder.layers[0].fc1.weight1
+    mel = torch.randn(2, SMALL.num_mel_bins, 3000)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(mel), model.encoder(mel), rtol=1e-5, atol=1e-5)
+
+
+def test_fast_decode_falls_back_loudly(tokenizer, monkeypatch):
+    import liteasr.runtime as rt
+
+    model = small_model(tokenizer)
+    mel = torch.randn(1, SMALL.num_mel_bins, 3000)
+    options = DecodingOptions(max_new_tokens=10)
+
+    def broken(*a, **k):
+        raise RuntimeError("capture failed (test)")
+
+    monkeypatch.setattr(rt, "_fast_decode", broken)
+    with pytest.warns(RuntimeWarning, match="capture failed .test.*eager reference"):
+        got = fast_decode(model, mel, options)
+    with warnings.catch_warnings(record=True) as w:  # remembered for this model, and still reported
+        warnings.simplefilter("always")
+        fast_decode(model, mel, options)
+    assert any("eager reference" in str(x.message) for x in w)
+    same_results(got, decode_reference(model, mel, options))
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA: captured graphs against the reference
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("low_rank", [None, LOW_RANK], ids=["dense", "factored"])
+@pytest.mark.parametrize("timestamps,boost", [(False, 1.0), (True, 1.6)])
+def test_graph_decode_equals_reference_cuda(tokenizer, low_rank, timestamps, boost):
+    """float32 with TF32 off: the graph-captured steps choose exactly the reference's tokens (only summation
+    order differs), through decode's automatic routing."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = small_model(tokenizer, low_rank, boost).cuda()
+    options = DecodingOptions(timestamps=timestamps, max_new_tokens=60)
+    for b in (3, 1, 3):  # a second call of a captured size replays the same graphs
+        mel = torch.randn(b, SMALL.num_mel_bins, 3000, device="cuda")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback would warn: fail instead
+            got = decoding.decode(model, mel, options)
+        same_results(got, decode_reference(model, mel, options))
+
+
+@pytest.mark.requires_cuda
+def test_lowrank_attention_in_fast_encoder_cuda():
+    """Ranks r_k + r_v <= d_h take the Triton reduced-rank attention; fp16 error against an fp32 reference is at
+    most twice the fp16 reference path's (flash-attention's rule), with a small floor."""
+    from liteasr.runtime import EncoderRunner
+
+    dims = Dims(num_mel_bins=80, vocab_size=51864, d_model=384, encoder_layers=2, encoder_attention_heads=6,
+                encoder_ffn_dim=1536, decoder_layers=1, decoder_attention_heads=6, decoder_ffn_dim=1536)
+    ranks = [{"q_proj": 24, "k_proj": 16, "v_proj": 32, "fc1": 64}] * 2
+    torch.manual_seed(0)
+    model32 = Whisper(dims, ranks).cuda().eval()
+    with torch.no_grad():
+        for m in model32.modules():
+            if hasattr(m, "weight1"):
+                m.weight1.normal_(0, m.in_features ** -0.5)
+                m.weight2.normal_(0, m.rank ** -0.5)
+    model16 = Whisper(dims, ranks).cuda().half().eval()
+    model16.load_state_dict(model32.state_dict())
+    enc = fast_encoder(model16.encoder)
+    assert enc.layers[0].self_attn.lowrank is not None
+    mel = torch.randn(2, 80, 3000, device="cuda")
+    with torch.inference_mode():
+        exact = model32.encoder(mel).double()
+        ref = model16.encoder(mel.half()).double()
+        got = EncoderRunner(enc)(mel.half()).double()
+    err, ref_err = float((got - exact).norm() / exact.norm()), float((ref - exact).norm() / exact.norm())
+    print(f"fast fp16 rel err {err:.2e}, reference fp16 {ref_err:.2e}")
+    assert err <= 2 * ref_err + 1e-4
