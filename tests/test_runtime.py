@@ -25,10 +25,14 @@ LOW_RANK = [{"q_proj": 8, "k_proj": 12, "v_proj": 16, "fc1": 24}, {"out_proj": 2
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    """tiny.en's tokenizer (English-only vocabulary of 51864)."""
+    """tiny.en's tokenizer (English-only vocabulary of 51864); LITEASR_TEST_TOKENIZER_DIR names a directory with
+    its tokenizer.json (the GPU machine has no network to fetch the model)."""
+    import os
+
     from liteasr.fetch import fetch_model
 
-    return Tokenizer.from_dir(fetch_model("tiny.en", quiet=True))
+    path = os.environ.get("LITEASR_TEST_TOKENIZER_DIR") or fetch_model("tiny.en", quiet=True)
+    return Tokenizer.from_dir(path)
 
 
 def small_model(tok: Tokenizer, low_rank=None, timestamp_boost: float = 1.0, seed: int = 0) -> Whisper:
