@@ -161,8 +161,9 @@ def cmd_sweep(args) -> None:
     paths, ids = select_calibration(args.calibration, args.num_clips, args.seed)
     manifest = args.eval_manifest or args.calibration
     evaluation = read_manifest(manifest, exclude=ids)
-    if args.limit:
-        evaluation = evaluation[: args.limit]
+    if args.limit and args.limit < len(evaluation):
+        # evenly spaced over the held-out list, so every domain keeps its share (the manifest is grouped by domain)
+        evaluation = [evaluation[i * len(evaluation) // args.limit] for i in range(args.limit)]
     calibration = [c for c in read_manifest(args.calibration) if c.id in set(ids)]
     model = _load(args)
     methods: dict[str, list[dict]] = {}
@@ -318,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the budget points followed by this many recovery (distillation) steps")
     p.add_argument("--num-clips", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N held-out clips")
+    p.add_argument("--limit", type=int, default=None, help="evaluate N held-out clips, evenly spaced over the held-out list")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", "-o", default="sweep")
     p.add_argument("--device", default="cpu")
