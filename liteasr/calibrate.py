@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,12 @@ def select_calibration(source: str | os.PathLike, num_clips: int = 100, seed: in
     else:
         clips = read_manifest(src)
         chosen = clips if num_clips >= len(clips) else split_clips(clips, num_clips / len(clips), seed)[0][:num_clips]
+        if len(chosen) < min(num_clips, len(clips)):  # per-domain rounding fell short: top up, seeded
+            taken = {c.id for c in chosen}
+            rest = [c for c in clips if c.id not in taken]
+            random.Random(f"{seed}:top-up").shuffle(rest)
+            extra = {c.id for c in rest[: num_clips - len(chosen)]}
+            chosen = [c for c in clips if c.id in taken or c.id in extra]
         paths, ids = [str(c.audio) for c in chosen], [c.id for c in chosen]
     if len(paths) < MIN_CLIPS:
         raise ValueError(f"{source}: calibration set has {len(paths)} clips; at least {MIN_CLIPS} are needed")

@@ -167,7 +167,8 @@ def apply_plan(model: Whisper, calib: Calibration, plan: Plan) -> Whisper:
 def compress(model: Whisper, calibration_audio: list, threshold: str | float = "0.99:0.999",
              frames: str = "audio", batch_size: int = 8, plan: Plan | None = None, progress: bool = True,
              ids: list[str] | None = None, sequential: bool = False, target_size: float | None = None,
-             target_flops: float | None = None, target_latency_ms: float | None = None) -> Plan:
+             target_flops: float | None = None, target_latency_ms: float | None = None,
+             calibration: Calibration | None = None) -> Plan:
     """Compress `model`'s encoder in place with LiteASR; returns the Plan (its `.ranks` is {name: rank}).
 
     calibration_audio: paths or 16-kHz float arrays (at least MIN_CLIPS).
@@ -178,6 +179,8 @@ def compress(model: Whisper, calibration_audio: list, threshold: str | float = "
     target_size / target_flops / target_latency_ms: choose all ranks jointly under this budget
         (fraction of the dense encoder's linear parameters / FLOPs, or encoder ms on this device;
         see allocate.py) instead of one θ per layer type.
+    calibration: statistics already collected on this (still dense) model with the same clips and
+        frame policy, e.g. by a sweep; reused instead of a first calibration pass.
     """
     if len(calibration_audio) < MIN_CLIPS:
         raise ValueError(f"calibration set has {len(calibration_audio)} clips; at least {MIN_CLIPS} are needed")
@@ -187,7 +190,7 @@ def compress(model: Whisper, calibration_audio: list, threshold: str | float = "
     if any(t is not None for t in (target_size, target_flops, target_latency_ms)):
         from .allocate import allocate
 
-        calib = calibrate(model, calibration_audio, frames, batch_size, progress, ids)
+        calib = calibration or calibrate(model, calibration_audio, frames, batch_size, progress, ids)
         ranks, report = allocate(model, calib, _probe_mel(model, calibration_audio), target_size, target_flops,
                                  target_latency_ms)
         if not sequential:
@@ -198,8 +201,11 @@ def compress(model: Whisper, calibration_audio: list, threshold: str | float = "
     passes = [[i] for i in range(len(model.encoder.layers))] if sequential else [None]
     chosen: Plan | None = None
     for layers in passes:
-        calib = calibrate(model, calibration_audio, frames=frames, batch_size=batch_size, progress=progress,
-                          ids=ids, layers=layers)
+        if layers is None and calibration is not None and calibration.frames == frames:
+            calib = calibration
+        else:
+            calib = calibrate(model, calibration_audio, frames=frames, batch_size=batch_size, progress=progress,
+                              ids=ids, layers=layers)
         part = make_plan(model, calib, plan.threshold if plan else threshold, ranks)
         apply_plan(model, calib, part)
         if chosen is None:

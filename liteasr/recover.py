@@ -79,7 +79,7 @@ def recover(student: Whisper, teacher: Whisper, audio: list, steps: int = 50, lr
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     finally:
         student.eval()
         for p in student.parameters():

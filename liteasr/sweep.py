@@ -67,19 +67,28 @@ def sweep(model: Whisper, calibration: list[Clip], evaluation: list[Clip], thres
               f"linear {row['linear_fraction']:.1%}, {row['speedup']:.2f}x", flush=True)
         _write(rows, out, calibration, evaluation)
 
+    calibs: dict[str, Calibration] = {}
     for policy in frames:  # the faithful method: statistics once per frame policy, every θ reuses them
-        calib: Calibration = calibrate(model, paths, frames=policy, batch_size=batch_size, progress=progress, ids=ids)
+        calib = calibs[policy] = calibrate(model, paths, frames=policy, batch_size=batch_size, progress=progress,
+                                           ids=ids)
         for theta in thresholds:
             compressed = copy.deepcopy(model)
             apply_plan(compressed, calib, make_plan(compressed, calib, theta))
             add(compressed, f"{policy} θ={theta}", f"LiteASR θ, frames={policy}",
                 {"threshold": theta, "frames": policy, "calibration_s": calib.seconds})
+    done: dict[str, tuple[Whisper, object]] = {}  # compress() arguments -> (compressed model, plan)
     for curve, points in (methods or {}).items():
         for kwargs in points:
-            compressed = copy.deepcopy(model)
             steps = kwargs.get("recover_steps", 0)
-            plan = compress(compressed, paths, batch_size=batch_size, progress=progress, ids=ids,
-                            **{k: v for k, v in kwargs.items() if k != "recover_steps"})
+            args = {k: v for k, v in kwargs.items() if k != "recover_steps"}
+            key = json.dumps(args, sort_keys=True)
+            if key in done:  # e.g. recovery on top of a point already compressed: same (deterministic) result
+                compressed, plan = copy.deepcopy(done[key][0]), done[key][1]
+            else:
+                compressed = copy.deepcopy(model)
+                plan = compress(compressed, paths, batch_size=batch_size, progress=progress, ids=ids,
+                                calibration=calibs.get(args.get("frames", "audio")), **args)
+                done[key] = (copy.deepcopy(compressed), plan)
             recovery = None
             if steps:  # distil toward the dense model on the calibration clips only (recover.py)
                 from .recover import recover

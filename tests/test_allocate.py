@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -117,3 +118,26 @@ def test_recovery_keeps_published_format_and_never_worsens(tiny_en, speech_dev, 
     again = load_model(out)
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_sweep_writes_report_with_every_curve(tiny_en, speech_dev, tmp_path):
+    """A miniature `liteasr sweep`: dense row, θ points per frame policy, budget, sequential budget and
+    recovery curves; held-out clips disjoint from calibration; table, JSON and PNG written."""
+    from liteasr.eval import read_manifest
+    from liteasr.sweep import sweep
+
+    manifest = read_manifest(speech_dev[0]["path"].parent.parent / "manifest.jsonl")
+    calibration, evaluation = manifest[::25][:8], manifest[7::60][:3]
+    methods = {"budget": [{"target_size": 0.7, "frames": "audio"}],
+               "budget + recovery": [{"target_size": 0.7, "frames": "audio", "recover_steps": 1}]}
+    rows = sweep(tiny_en, calibration, evaluation, ["0.99"], frames=("audio", "all"), out_dir=tmp_path,
+                 progress=False, methods=methods)
+    assert [r["curve"] for r in rows] == ["dense", "LiteASR θ, frames=audio", "LiteASR θ, frames=all",
+                                          "budget", "budget + recovery"]
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert not set(data["calibration"]) & set(data["evaluation"])
+    assert rows[0]["linear_fraction"] == 1.0 and all(r["linear_fraction"] < 1.0 for r in rows[1:])
+    assert rows[3]["linear_fraction"] <= 0.7 + 1e-9  # the budget holds in the swept model too
+    assert rows[4]["recovery"] is not None and rows[4]["linear_fraction"] == rows[3]["linear_fraction"]
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000 and "| dense |" in (tmp_path / "sweep.md").read_text()
+    assert all(n.startswith("sweep") for n in os.listdir(tmp_path))
