@@ -103,19 +103,20 @@ def cmd_compress(args) -> None:
     from .bench import encoder_flops
     from .calibrate import calibrate, select_calibration
     from .checkpoint import save
-    from .compress import compress, encoder_size, load_plan, make_plan, rank_table, save_plan
+    from .compress import compress, encoder_size, load_plan, make_plan, parse_threshold, rank_table, save_plan
 
     out = Path(args.output) if args.output else None
     if out is None and not args.plan_only:
         raise ValueError("--output is required (or --plan-only PLAN.json)")
     if out is not None and out.exists() and not args.overwrite:
         raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    threshold = args.preset or args.threshold
+    parse_threshold(threshold)  # a malformed θ fails now, not after minutes of calibration
     plan_in = load_plan(args.apply_plan) if args.apply_plan else None
     paths, ids = select_calibration(args.calibration, args.num_clips, args.seed)
     model = _load(args)
     before = encoder_size(model) | {"encoder_flops": encoder_flops(model)}
     t0 = time.perf_counter()
-    threshold = args.preset or args.threshold
     if args.plan_only:
         calib = calibrate(model, paths, frames=args.frames, batch_size=args.batch_size,
                           progress=not args.no_progress, ids=ids)

@@ -184,3 +184,42 @@ def test_bad_input(bad_runs, case):
     assert "Traceback" not in proc.stderr
     assert not out.exists() or list(out.iterdir()) == []  # nothing written, not even for the good files
     assert proc.stdout == ""  # no transcript printed either: the run failed before decoding anything
+
+
+# ---------------------------------------------------------------------------------------------------
+# compress
+
+
+def test_compress_cli_output_determinism_and_refusals(speech_dev, tmp_path):
+    """`liteasr compress` writes a self-contained lite-whisper directory plus compression.json; the
+    same inputs give bit-identical weights; an existing output or a malformed θ is refused with
+    nothing written."""
+    manifest = speech_dev[0]["path"].parent.parent / "manifest.jsonl"
+    args = ["compress", "tiny.en", "--calibration", manifest, "--num-clips", "8", "--preset", "a", "--no-progress"]
+    outs = [tmp_path / "one", tmp_path / "two"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(lambda o: run_cli(*args, "-o", o, threads=1), outs))
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr
+    one, two = outs
+    names = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+             "preprocessor_config.json", "tokenizer_config.json", "compression.json"}
+    assert names <= {p.name for p in one.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    report = json.loads((one / "compression.json").read_text())
+    plans = [{k: v for k, v in json.loads((o / "compression.json").read_text())["plan"].items()
+              if k != "calibration_s"} for o in outs]  # everything but the wall time
+    assert plans[0] == plans[1]
+    assert len(report["calibration"]) == 8 and 0 < report["linear_fraction"] < 1
+    assert json.loads((one / "config.json").read_text())["model_type"] == "lite-whisper"
+    assert "encoder" in procs[0].stdout  # the rank table is printed
+
+    again = run_cli(*args, "-o", one, threads=1)
+    assert again.returncode == 1 and str(one) in _error_line(again) and "--overwrite" in again.stderr
+    assert (one / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
+
+    bad = run_cli(*args[:-3], "--threshold", "0.99:abc", "-o", tmp_path / "bad", threads=1)
+    assert bad.returncode == 1 and "0.99:abc" in _error_line(bad)
+    assert not (tmp_path / "bad").exists()
