@@ -106,8 +106,26 @@ def _write(rows: list[dict], out: Path, calibration: list[Clip], evaluation: lis
     tmp = out / ".sweep.json.tmp"
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, out / "sweep.json")
-    (out / "sweep.md").write_text(table(rows) + "\n")
+    (out / "sweep.md").write_text(report_md(rows))
     plot(rows, out / "sweep.png")
+
+
+def report_md(rows: list[dict]) -> str:
+    """sweep.md: the summary table, WER per domain for every point, and every point's ranks."""
+    parts = ["# Sweep (WER on held-out clips)", "", table(rows), ""]
+    domains = list(rows[0]["by_domain"])
+    short = [d[d.index("(") + 1: -1] if d.endswith(")") and "(" in d else d for d in domains]  # the corpus name
+    parts += ["## WER % per domain", "", "| point | " + " | ".join(short) + " |",
+              "| --- |" + " ---: |" * len(domains)]
+    for r in rows:
+        cells = ["–" if r["by_domain"].get(d) is None else f"{100 * r['by_domain'][d]:.2f}" for d in domains]
+        parts.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    parts += ["", "## Ranks per encoder layer (q k v out fc1 fc2; – = dense)", ""]
+    keys = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    for r in rows[1:]:
+        parts += [f"**{r['label']}**: " + "; ".join(
+            f"L{i} " + " ".join(str(layer.get(k, "–")) for k in keys) for i, layer in enumerate(r["low_rank_config"])), ""]
+    return "\n".join(parts) + "\n"
 
 
 def table(rows: list[dict]) -> str:
