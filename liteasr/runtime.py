@@ -528,7 +528,8 @@ class CudaRuntime:
 
 def _signature(model: Whisper) -> tuple:
     # identity, storage and in-place version of every parameter: a changed module or weight makes it differ
-    return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
+    # (parameters made under inference_mode have no version counter: they cannot be modified in place anyway)
+    return tuple((id(p), p.data_ptr(), 0 if p.is_inference() else p._version) for p in model.parameters())
 
 
 _RUNTIMES: "weakref.WeakKeyDictionary[Whisper, CudaRuntime]" = weakref.WeakKeyDictionary()
