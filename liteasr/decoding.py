@@ -8,6 +8,7 @@ in time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,45 +78,63 @@ def decode_reference(model: Whisper, mel: Tensor, options: DecodingOptions = Dec
     mel = mel.to(next(model.parameters()).dtype)
     audio_features = model.encoder(mel)  # (B, 1500, d)
     cache = model.decoder.new_cache(audio_features)
-    b = mel.shape[0]
-    if languages is None:
-        languages = [options.language] * b
-    if model.is_multilingual and any(lang is None for lang in languages):
-        detected, _ = detect_language(model, audio_features, cache)
-        languages = [lang or det for lang, det in zip(languages, detected)]
-    languages = [lang or "en" for lang in languages]
-    prompts = [tok.sot_sequence(lang, options.task, model.is_multilingual, options.timestamps) for lang in languages]
+    languages, prompts, max_new = prompt_batch(model, options, languages, mel.shape[0],
+                                               lambda: detect_language(model, audio_features, cache)[0])
     tokens = torch.tensor(prompts, device=mel.device)  # (B, P): same length for every language
-    n_ctx = model.dims.max_target_positions
-    max_new = min(options.max_new_tokens or n_ctx // 2, n_ctx - tokens.shape[1])
-
     logits = model.decoder(tokens, cache)  # (B, P, V) float32
     no_speech_prob = _no_speech_prob(logits[:, 0], tok)
-    logits = logits[:, -1]
+    generated, sum_logprob = greedy(
+        logits[:, -1], lambda next_tokens, i: model.decoder(next_tokens[:, None], cache, tokens.shape[1] + i)[:, -1],
+        tok, options, max_new)
+    return [_result(g, lang, lp, nsp, tok) for g, lang, lp, nsp in
+            zip(generated, languages, sum_logprob.tolist(), no_speech_prob.tolist())]
+
+
+def prompt_batch(model, options: DecodingOptions, languages: list[str | None] | None, b: int,
+                 detect: Callable[[], list[str]]) -> tuple[list[str], list[list[int]], int]:
+    """Per-window languages (`detect()` fills the unknown ones on multilingual models), the prompt
+    token lists (one length for every language) and how many tokens may follow them."""
+    tok: Tokenizer = model.tokenizer
+    languages = list(languages) if languages is not None else [options.language] * b
+    if model.is_multilingual and any(lang is None for lang in languages):
+        languages = [lang or det for lang, det in zip(languages, detect())]
+    languages = [lang or "en" for lang in languages]
+    prompts = [tok.sot_sequence(lang, options.task, model.is_multilingual, options.timestamps) for lang in languages]
+    n_ctx = model.dims.max_target_positions
+    return languages, prompts, min(options.max_new_tokens or n_ctx // 2, n_ctx - len(prompts[0]))
+
+
+def greedy(logits: Tensor, step: Callable[[Tensor, int], Tensor], tok: Tokenizer, options: DecodingOptions,
+           max_new: int) -> tuple[list[list[int]], Tensor]:
+    """The greedy token loop with Whisper's logit rules, shared by every backend.
+
+    logits (B, V) float32: the predictions after the prompt; step(next_tokens (B,), i) -> the logits
+    (B, V) after feeding token i of the continuation. Returns (tokens per window, <|endoftext|>
+    included when reached; summed log-probabilities (B,) on the host)."""
+    b = logits.shape[0]
     generated: list[list[int]] = [[] for _ in range(b)]
     sum_logprob = torch.zeros(b)
     done = torch.zeros(b, dtype=torch.bool)
-    suppress = torch.tensor(tok.suppress_tokens, device=mel.device, dtype=torch.long)
-    begin_suppress = torch.tensor([tok.encode(" ")[0], tok.eot], device=mel.device)
+    suppress = torch.tensor(tok.suppress_tokens, device=logits.device, dtype=torch.long)
+    begin_suppress = torch.tensor([tok.encode(" ")[0], tok.eot], device=logits.device)
     max_initial = round(options.max_initial_timestamp / TIME_PRECISION)
-    for step in range(max_new):
+    for i in range(max_new):
         logits[:, suppress] = -float("inf")
-        if step == 0:
+        if i == 0:
             logits[:, begin_suppress] = -float("inf")
         if options.timestamps:
-            _timestamp_rules(logits, generated, tok, first=step == 0, max_initial=max_initial)
+            _timestamp_rules(logits, generated, tok, first=i == 0, max_initial=max_initial)
         next_tokens = logits.argmax(-1)  # (B,)
         logprobs = logits.log_softmax(-1).gather(1, next_tokens[:, None])[:, 0].cpu()
         sum_logprob += torch.where(done, 0.0, logprobs)
-        for i, t in enumerate(next_tokens.tolist()):
-            if not done[i]:
-                generated[i].append(t)
+        for j, t in enumerate(next_tokens.tolist()):
+            if not done[j]:
+                generated[j].append(t)
         done |= (next_tokens == tok.eot).cpu()
         if bool(done.all()):
             break
-        logits = model.decoder(next_tokens[:, None], cache, tokens.shape[1] + step)[:, -1]
-    return [_result(g, lang, lp, nsp, tok) for g, lang, lp, nsp in
-            zip(generated, languages, sum_logprob.tolist(), no_speech_prob.tolist())]
+        logits = step(next_tokens, i)
+    return generated, sum_logprob
 
 
 def _result(generated: list[int], language: str, sum_logprob: float, no_speech_prob: float,

@@ -580,24 +580,16 @@ def _fast_decode(model: Whisper, mel: Tensor, options, languages: list[str] | No
                  rt: CudaRuntime | None = None):
     """decode_reference's steps with rt's encoder and DecoderRunner (rt: the model's cached runtime by default;
     tests pass CudaRuntime(model, use_graphs=False) to run the same code on CPU)."""
-    from .decoding import _no_speech_prob, _result, detect_language
+    from .decoding import _no_speech_prob, _result, detect_language, prompt_batch
 
     tok = model.tokenizer
     rt = rt or runtime_for(model)
     mel = mel.to(next(model.parameters()).dtype)
     audio_features = rt.encode(mel)  # (B, 1500, d)
     cache = rt.decoder.cache(audio_features)
-    b = mel.shape[0]
-    if languages is None:
-        languages = [options.language] * b
-    if model.is_multilingual and any(lang is None for lang in languages):
-        detected, _ = detect_language(model, audio_features, cache)
-        languages = [lang or det for lang, det in zip(languages, detected)]
-    languages = [lang or "en" for lang in languages]
-    prompts = [tok.sot_sequence(lang, options.task, model.is_multilingual, options.timestamps) for lang in languages]
+    languages, prompts, max_new = prompt_batch(model, options, languages, mel.shape[0],
+                                               lambda: detect_language(model, audio_features, cache)[0])
     tokens = torch.tensor(prompts, device=mel.device)  # (B, P)
-    n_ctx = model.dims.max_target_positions
-    max_new = min(options.max_new_tokens or n_ctx // 2, n_ctx - tokens.shape[1])
     logits = model.decoder(tokens, cache)  # (B, P, V) float32, eager: the prompt runs once
     no_speech_prob = _no_speech_prob(logits[:, 0], tok)
     rules = TokenRules.from_tokenizer(tok, options.timestamps, options.max_initial_timestamp)

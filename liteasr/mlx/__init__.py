@@ -19,8 +19,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from ..decoding import DecodingOptions, DecodingResult, _no_speech_prob, _result, _timestamp_rules
-from ..tokenizer import TIME_PRECISION
+from ..decoding import DecodingOptions, DecodingResult, _no_speech_prob, _result, greedy, prompt_batch
 from .model import LowRankLinear, Whisper
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -97,41 +96,16 @@ def decode(model: Whisper, mel: torch.Tensor, options: DecodingOptions | None = 
     x = mx.array(mel.transpose(1, 2).float().numpy()).astype(model.dtype)  # (B, 3000, n_mels): channels last
     audio_features = model.encoder(x)  # (B, 1500, d)
     cache = model.decoder.new_cache(audio_features)
-    b = x.shape[0]
-    languages = languages if languages is not None else [options.language] * b
-    if model.is_multilingual and any(lang is None for lang in languages):
-        detected, _ = detect_language(model, audio_features, cache)
-        languages = [lang or det for lang, det in zip(languages, detected)]
-    languages = [lang or "en" for lang in languages]
-    prompts = [tok.sot_sequence(lang, options.task, model.is_multilingual, options.timestamps) for lang in languages]
+    languages, prompts, max_new = prompt_batch(model, options, languages, x.shape[0],
+                                               lambda: detect_language(model, audio_features, cache)[0])
     n_prompt = len(prompts[0])  # the same for every language
-    n_ctx = model.dims.max_target_positions
-    max_new = min(options.max_new_tokens or n_ctx // 2, n_ctx - n_prompt)
-
     out = model.decoder(mx.array(prompts), cache)  # (B, P, V) float32
     no_speech_prob = _no_speech_prob(_to_torch(out[:, 0]), tok)
-    logits = _to_torch(out[:, -1])  # (B, V): the rules below are liteasr.decoding's, on the host
-    generated: list[list[int]] = [[] for _ in range(b)]
-    sum_logprob = torch.zeros(b)
-    done = torch.zeros(b, dtype=torch.bool)
-    suppress = torch.tensor(tok.suppress_tokens, dtype=torch.long)
-    begin_suppress = torch.tensor([tok.encode(" ")[0], tok.eot])
-    max_initial = round(options.max_initial_timestamp / TIME_PRECISION)
-    for step in range(max_new):
-        logits[:, suppress] = -float("inf")
-        if step == 0:
-            logits[:, begin_suppress] = -float("inf")
-        if options.timestamps:
-            _timestamp_rules(logits, generated, tok, first=step == 0, max_initial=max_initial)
-        next_tokens = logits.argmax(-1)  # (B,)
-        sum_logprob += torch.where(done, 0.0, logits.log_softmax(-1).gather(1, next_tokens[:, None])[:, 0])
-        for i, t in enumerate(next_tokens.tolist()):
-            if not done[i]:
-                generated[i].append(t)
-        done |= next_tokens == tok.eot
-        if bool(done.all()):
-            break
-        logits = _to_torch(model.decoder(mx.array(next_tokens.numpy())[:, None], cache, n_prompt + step)[:, -1])
+    # the token rules are liteasr.decoding's, on the host; only the network runs in MLX
+    generated, sum_logprob = greedy(
+        _to_torch(out[:, -1]),
+        lambda next_tokens, i: _to_torch(model.decoder(mx.array(next_tokens.numpy())[:, None], cache, n_prompt + i)[:, -1]),
+        tok, options, max_new)
     return [_result(g, lang, lp, nsp, tok) for g, lang, lp, nsp in
             zip(generated, languages, sum_logprob.tolist(), no_speech_prob.tolist())]
 
