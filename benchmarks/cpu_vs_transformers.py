@@ -8,7 +8,8 @@ directory) on the same 16-kHz arrays, decoded from the clips before any timing, 
 thread count, greedy decoding, the same forced prompt (language "en", task "transcribe" on
 multilingual models; liteasr's per-input language detection is thereby skipped, as transformers'
 is) and the same token limit (224 new tokens). Each engine transcribes one batch as a warm-up
-first. What is timed:
+first; then --repeats rounds time each engine on all clips, interleaved, the order flipping every
+round, and the median per engine is reported. What is timed:
 
 - liteasr: `model.transcribe(arrays, batch_size=B)` — log-mel, batching, decoding, detokenising;
 - transformers: per batch of B, `WhisperFeatureExtractor` + `generate` + `batch_decode(skip_special_tokens=True)`.
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -71,6 +73,8 @@ def main() -> None:
     ap.add_argument("--manifest", default=str(SPEECH_DEV))
     ap.add_argument("--clips", type=int, default=None, help="number of clips (default: all clips of at most 30 s)")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs per engine, interleaved with flipping order; the median is reported")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for both engines (default: torch's)")
     ap.add_argument("--output", default=None, help="JSON report path (default: out/cpu-vs-transformers-<model>.json)")
     args = ap.parse_args()
@@ -102,15 +106,25 @@ def main() -> None:
         run(arrays[: args.batch_size])
 
     load_before = os.getloadavg()
-    results = {}
-    for name, run in engines.items():
-        t0 = time.perf_counter()
-        texts = run(arrays)
-        wall = time.perf_counter() - t0
-        rep = score(clips, texts)
-        results[name] = {"wall_s": wall, "rtfx": audio_s / wall, "wer": rep["overall"]["error_rate"],
-                         "texts": dict(zip((c.id for c in clips), texts))}
+    walls: dict[str, list[float]] = {name: [] for name in engines}
+    texts: dict[str, list[str]] = {}
+    names = list(engines)
+    for r in range(args.repeats):
+        # Interleaved, and the order flips every round: a drift of the machine (clock, caches, another
+        # process) then hits both engines alike instead of whichever happened to run second.
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            out = engines[name](arrays)
+            walls[name].append(time.perf_counter() - t0)
+            if texts.setdefault(name, out) != out:
+                raise SystemExit(f"{name} gave different transcripts on repeat {r + 1}: decoding is not deterministic")
     load_after = os.getloadavg()
+    results = {}
+    for name in engines:
+        wall = statistics.median(walls[name])
+        results[name] = {"wall_s": wall, "walls_s": walls[name], "rtfx": audio_s / wall,
+                         "wer": score(clips, texts[name])["overall"]["error_rate"],
+                         "texts": dict(zip((c.id for c in clips), texts[name]))}
 
     lite, tf = results["liteasr"], results["transformers"]
     same = sum(lite["texts"][c.id] == tf["texts"][c.id] for c in clips)
@@ -118,11 +132,13 @@ def main() -> None:
     env = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
            f"load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
-    print(f"\n{args.model} fp32, batch size {args.batch_size}, greedy, {len(clips)} speech-dev clips; {env}\n")
-    print("| engine | clips | audio s | wall s | RTFx | corpus WER % |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"\n{args.model} fp32, batch size {args.batch_size}, greedy, {len(clips)} speech-dev clips, "
+          f"median of {args.repeats} interleaved runs; {env}\n")
+    print("| engine | clips | audio s | wall s (median) | runs s | RTFx | corpus WER % |")
+    print("| --- | ---: | ---: | ---: | --- | ---: | ---: |")
     for name, r in results.items():
-        print(f"| {name} | {len(clips)} | {audio_s:.1f} | {r['wall_s']:.2f} | {r['rtfx']:.1f} | {100 * r['wer']:.2f} |")
+        runs = " / ".join(f"{w:.2f}" for w in r["walls_s"])
+        print(f"| {name} | {len(clips)} | {audio_s:.1f} | {r['wall_s']:.2f} | {runs} | {r['rtfx']:.1f} | {100 * r['wer']:.2f} |")
     print(f"\nliteasr / transformers speed: {speedup:.2f}x (wall-time ratio transformers / liteasr); "
           f"identical transcripts: {same}/{len(clips)}")
     if load_before[0] > (os.cpu_count() or 1):
@@ -131,7 +147,7 @@ def main() -> None:
 
     report = {"model": args.model, "dtype": "float32", "batch_size": args.batch_size, "clips": len(clips),
               "clip_ids": [c.id for c in clips], "audio_s": audio_s, "threads": torch.get_num_threads(),
-              "forced": forced, "max_new_tokens": MAX_NEW_TOKENS, "environment": env,
+              "repeats": args.repeats, "forced": forced, "max_new_tokens": MAX_NEW_TOKENS, "environment": env,
               "load_average": {"before": load_before, "after": load_after},
               "speedup": speedup, "identical_transcripts": same, "engines": results}
     out = Path(args.output or f"out/cpu-vs-transformers-{Path(args.model).name}.json")
