@@ -140,26 +140,36 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str = "") -> None:
-    """WER vs encoder size and vs measured encoder latency, one curve per frame policy, dense as a star."""
+    """WER vs encoder size and vs measured encoder latency, one curve per method, dense as a star.
+
+    The WER axis stops at 3× the dense WER (at least dense + 10 points): points where decoding
+    broke down (repetition loops give WERs of 100–800 %) would otherwise flatten every useful
+    point into one line. Those points are drawn on the top edge as open triangles with their WER."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     dense = rows[0]
+    top = max(3 * 100 * dense["wer"], 100 * dense["wer"] + 10)
     for ax, key, xlabel in ((axes[0], "linear_fraction", "encoder linear parameters (fraction of dense)"),
-                            (axes[1], "latency_ms", "encoder latency per 30-s window, ms (batch 1)")):
+                            (axes[1], "latency_ms", "encoder latency per 30-s window, ms (CPU, batch 1)")):
         for curve in dict.fromkeys(r["curve"] for r in rows[1:]):
-            pts = sorted((r[key], 100 * r["wer"], r["label"].split(" ")[-1]) for r in rows[1:] if r["curve"] == curve)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=curve)
-            for x, y, t in pts:
-                ax.annotate(t, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            pts = sorted((r[key], 100 * r["wer"]) for r in rows[1:] if r["curve"] == curve)
+            (line,) = ax.plot([x for x, _ in pts], [min(y, top) for _, y in pts], "o-", label=curve, alpha=0.85)
+            for x, y in pts:
+                if y > top:  # off the scale: an open triangle on the edge, labelled with its WER
+                    ax.plot([x], [top], "^", mfc="white", color=line.get_color(), markersize=8)
+                    ax.annotate(f"{y:.0f} %", (x, top), fontsize=7, xytext=(0, -12), textcoords="offset points",
+                                ha="center", color=line.get_color())
         ax.plot([dense[key]], [100 * dense["wer"]], "k*", markersize=12, label="dense")
+        ax.axhline(100 * dense["wer"], color="k", lw=0.6, ls=":")
+        ax.set_ylim(0, top * 1.04)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("corpus WER %")
+        ax.set_ylabel("corpus WER % (held-out clips)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="upper right")
     fig.suptitle(title or "accuracy vs size and speed (held-out clips)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
