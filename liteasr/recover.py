@@ -38,15 +38,32 @@ def recover(student: Whisper, teacher: Whisper, audio: list, steps: int = 50, lr
     The last `val_fraction` of `audio` is held out of training; its WER is measured before and
     after against `refs` (transcripts aligned with `audio`) or, without them, against the teacher's
     own transcripts. Returns a report; keeps the better of before/after."""
-    from tqdm import tqdm
-
-    from .audio import N_SAMPLES, load_audio, log_mel_spectrogram, pad_or_trim
-
     n_val = max(1, int(len(audio) * val_fraction))
     train, val = audio[:-n_val], audio[-n_val:]
     val_refs = refs[-n_val:] if refs is not None else [r["text"] for r in teacher.transcribe(val, batch_size=8)]
     before = _wer(student, val, val_refs)
     saved = copy.deepcopy(student.state_dict())
+    losses = distill(student, teacher, train, steps, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+    after = _wer(student, val, val_refs)
+    kept = after <= before
+    if not kept:
+        student.load_state_dict(saved)
+    return {"steps": steps, "references": "manifest" if refs is not None else "dense model's transcripts", "lr": lr, "batch_size": batch_size, "train_clips": len(train), "val_clips": len(val),
+            "loss_first": losses[0], "loss_last": losses[-1], "val_wer_before": before, "val_wer_after": after,
+            "kept": kept}
+
+
+def distill(student: Whisper, teacher: Whisper, audio: list, steps: int, lr: float = 1e-4, batch_size: int = 4,
+            seed: int = 0, progress: bool = True) -> list[float]:
+    """The training loop of `recover`, without its held-out check: `steps` Adam steps on the factors and
+    biases of `student`'s LowRankLinear layers (everything else frozen), each on `batch_size` clips of
+    `audio` (paths or 16-kHz arrays) drawn without replacement. Loss: squared error of the encoder
+    output (B, 1500, d) on frames of real audio, relative to the teacher's output power there.
+    Returns the loss of every step; `student` is left in eval mode with no parameter requiring grad."""
+    from tqdm import tqdm
+
+    from .audio import N_SAMPLES, load_audio, log_mel_spectrogram, pad_or_trim
+
     params = [p for m in student.encoder.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
     if not params:
         raise ValueError("recovery needs a compressed model: the encoder has no factored layers")
@@ -62,10 +79,10 @@ def recover(student: Whisper, teacher: Whisper, audio: list, steps: int = 50, lr
     student.train()
     try:
         for _ in tqdm(range(steps), disable=not progress, desc="recover"):
-            idx = rng.choice(len(train), size=min(batch_size, len(train)), replace=False)
+            idx = rng.choice(len(audio), size=min(batch_size, len(audio)), replace=False)
             for i in idx:
                 if i not in cache:
-                    a = train[i]
+                    a = audio[i]
                     cache[i] = load_audio(a) if isinstance(a, (str, os.PathLike)) else np.asarray(a, np.float32)
             clips = [cache[i] for i in idx]
             mel = log_mel_spectrogram(np.stack([pad_or_trim(c) for c in clips]), student.dims.num_mel_bins,
@@ -84,10 +101,4 @@ def recover(student: Whisper, teacher: Whisper, audio: list, steps: int = 50, lr
         student.eval()
         for p in student.parameters():
             p.requires_grad_(False)
-    after = _wer(student, val, val_refs)
-    kept = after <= before
-    if not kept:
-        student.load_state_dict(saved)
-    return {"steps": steps, "references": "manifest" if refs is not None else "dense model's transcripts", "lr": lr, "batch_size": batch_size, "train_clips": len(train), "val_clips": len(val),
-            "loss_first": losses[0], "loss_last": losses[-1], "val_wer_before": before, "val_wer_after": after,
-            "kept": kept}
+    return losses
