@@ -31,7 +31,7 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
+import pcm  # benchmarks/pcm.py
 
 SPEECH_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "speech-dev" / "manifest.jsonl"
 CHECK_STRIDE = 15  # the same rule as tests/conftest.py::check_clips
@@ -84,12 +84,7 @@ def prepare(args) -> None:
             (out / f"part{i // size + 1}" / f"model.safetensors.part{i // size + 1}").write_bytes(data[i: i + size])
         weights.unlink()
     arrays = [load_audio(manifest.parent / r["audio"]) for r in rows]
-    pcm = [np.round(a * 32768).astype(np.int16) for a in arrays]
-    for r, a, q in zip(rows, arrays, pcm):
-        if not np.array_equal(q.astype(np.float32) / 32768, a):
-            raise SystemExit(f"{r['audio']}: samples are not 16-bit PCM, int16 would not carry them exactly")
-    offsets = np.cumsum([0] + [len(q) for q in pcm])
-    np.savez(out / "audio.npz", pcm=np.concatenate(pcm), offsets=offsets)
+    pcm.save(out / "audio.npz", arrays, [r["audio"] for r in rows])
     clips = [{"id": r["id"], "text": r["text"], "domain": r["domain"]} for r in rows]
     model = liteasr.load_model(args.model, "cpu", torch.float32)
     t = time.perf_counter()
@@ -146,9 +141,7 @@ def check(args) -> None:
     meta = json.loads((bundle / "bundle.json").read_text())
     _join_parts(bundle, [bundle] + [Path(p) for p in args.parts_dir], meta["model_sha256"])
     clips = meta["clips"]
-    audio = np.load(bundle / "audio.npz")
-    o = audio["offsets"]
-    arrays = [audio["pcm"][o[i]: o[i + 1]].astype(np.float32) / 32768 for i in range(len(clips))]
+    arrays = pcm.load(bundle / "audio.npz")
 
     def wer(texts: list[str]) -> float | None:
         return corpus_wer(clips, texts)

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import pcm  # benchmarks/pcm.py
+
 SPEECH_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "speech-dev" / "manifest.jsonl"
 VAL_FRACTION = 0.25  # recover()'s default
 
@@ -79,11 +81,7 @@ def prepare(args) -> None:
     save_file(enc, str(tdir / "teacher_encoder.safetensors"))
     save_file(_factor_state(student), str(out / "student_factors.safetensors"))
     arrays = [load_audio(c.audio) for c in clips]
-    pcm = [np.round(a * 32768).astype(np.int16) for a in arrays]
-    for c, a, q in zip(clips, arrays, pcm):
-        if not np.array_equal(q.astype(np.float32) / 32768, a):
-            raise SystemExit(f"{c.audio}: not 16-bit PCM")
-    np.savez(out / "audio.npz", pcm=np.concatenate(pcm), offsets=np.cumsum([0] + [len(q) for q in pcm]))
+    pcm.save(out / "audio.npz", arrays, [str(c.audio) for c in clips])
     meta = {"dims": dense.dims.__dict__, "low_rank_config": student.low_rank_config, "ids": [c.id for c in clips],
             "n_train": _split(len(clips))}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -111,9 +109,7 @@ def run(args) -> None:
     student.encoder.load_state_dict({**shared, **factors})
     dev = torch.device(args.device)
     teacher, student = teacher.to(dev).eval(), student.to(dev).eval()
-    a = np.load(bundle / "audio.npz")
-    o = a["offsets"]
-    audio = [a["pcm"][o[i]: o[i + 1]].astype(np.float32) / 32768 for i in range(len(o) - 1)]
+    audio = pcm.load(bundle / "audio.npz")
     train, val = audio[: meta["n_train"]], audio[meta["n_train"]:]
     out = Path(args.out)
     report, done, t0 = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "checkpoints": []}, 0, time.perf_counter()
