@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from .audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, check_audio, load_audio, log_mel_spectrogram
-from .decoding import DecodingOptions, DecodingResult, decode
+from .decoding import DecodingOptions, DecodingResult, compression_ratio, decode
 from .model import Whisper
 from .tokenizer import TIME_PRECISION, Tokenizer
 
@@ -47,11 +46,32 @@ class TranscribeOptions:
     task: str = "transcribe"  # or "translate" (to English)
     batch_size: int = 8  # windows decoded together
     timestamps: bool | None = None  # None: only for inputs longer than one window
-    no_speech_threshold: float = 0.6  # skip a window when P(no speech) is above this …
-    logprob_threshold: float = -1.0  # … and the decoded text's average log-probability is below this,
-    compression_ratio_threshold: float = 2.4  # … or its text is a repetition loop (gzip ratio above this)
+    # decoding, as openai-whisper's transcribe(): each window at the first temperature (beam search if
+    # beam_size, else greedy), re-decoded at the next one while its text is a loop or unlikely
+    temperature: float | tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    best_of: int | None = None  # samples per window at temperature > 0
+    beam_size: int | None = None  # beams at temperature 0 (None: greedy)
+    patience: float | None = None
+    length_penalty: float | None = None
+    compression_ratio_threshold: float | None = 2.4  # fallback above this gzip ratio (a repetition loop) …
+    logprob_threshold: float | None = -1.0  # … or below this average log-probability;
+    no_speech_threshold: float | None = 0.6  # skip a window when P(no speech) is above this and the log-prob below
+    condition_on_previous_text: bool = True  # prompt each window with the text before it (reset after T > 0.5)
+    initial_prompt: str | None = None  # text prompting the first window (names, spelling, style)
+    carry_initial_prompt: bool = False  # prompt every window with initial_prompt (hotwords), before earlier text
+    prefix: str | None = None  # text forced at the start of every window (not part of the output)
+    seed: int = 0  # of the sampling at temperature > 0: the same inputs and options give the same output
     progress: bool = False
     max_active: int = 32  # inputs loaded at a time by transcribe_iter (bounded memory on any corpus)
+
+    def decoding(self, timestamps: bool) -> DecodingOptions:
+        """The DecodingOptions of one window."""
+        return DecodingOptions(task=self.task, timestamps=timestamps, temperature=self.temperature,
+                               best_of=self.best_of, beam_size=self.beam_size, patience=self.patience,
+                               length_penalty=self.length_penalty,
+                               compression_ratio_threshold=self.compression_ratio_threshold,
+                               logprob_threshold=self.logprob_threshold, no_speech_threshold=self.no_speech_threshold,
+                               prefix=self.prefix, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -62,6 +82,7 @@ class Window:
     mel: torch.Tensor  # (n_mels, 3000)
     options: DecodingOptions
     language: str | None  # known (forced, or detected on an earlier window) or None: detect
+    prompt: tuple[int, ...] = ()  # tokens of earlier text this window is conditioned on (openai-whisper's prompt)
 
 
 class Job:
@@ -81,9 +102,16 @@ class Job:
         self.mel = log_mel_spectrogram(self.audio, model.dims.num_mel_bins, padding=N_SAMPLES,
                                        device=_feature_device(model))  # (n_mels, frames + N_FRAMES)
         self.frames = self.mel.shape[-1] - N_FRAMES  # mel frames of real audio
+        self.mel_ctx = model.dims.max_target_positions  # decoder context: prompts keep its last half
         self.language = options.language if model.is_multilingual else "en"
         self.seek = 0
         self.segments: list[dict] = []
+        # openai-whisper's prompt bookkeeping: the tokens of every kept segment, from which each window's prompt
+        # is taken since the last reset (a window decoded above temperature 0.5 resets it)
+        tok = self.tokenizer
+        self.initial_prompt = tok.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
+        self.all_tokens: list[int] = list(self.initial_prompt)
+        self.prompt_reset_since = 0
 
     @property
     def done(self) -> bool:
@@ -96,22 +124,34 @@ class Job:
         if self.done:
             return None
         timestamps = self.options.timestamps if self.options.timestamps is not None else self.frames > N_FRAMES
-        options = DecodingOptions(task=self.options.task, timestamps=timestamps)
         mel = self.mel[:, self.seek: self.seek + N_FRAMES]  # padding appended at load keeps this 3000 frames
-        return Window(self, mel, options, self.language)
+        return Window(self, mel, self.options.decoding(timestamps), self.language, tuple(self._prompt()))
+
+    def _prompt(self) -> list[int]:
+        if self.options.carry_initial_prompt:
+            n_ctx = self.mel_ctx
+            rest = self.all_tokens[max(len(self.initial_prompt), self.prompt_reset_since):]
+            return self.initial_prompt + rest[len(rest) - max(n_ctx // 2 - 1 - len(self.initial_prompt), 0):]
+        return self.all_tokens[self.prompt_reset_since:]
 
     def advance(self, r: DecodingResult) -> list[dict]:
         """Consume the decoding of the current window; returns the segments it closed."""
         self.language = self.language or r.language  # detected on the first window, kept for the rest
         before = len(self.segments)
-        _advance(self, r, self.options, self.tokenizer)
+        if _advance(self, r, self.options, self.tokenizer):
+            # as openai-whisper: instantaneous or empty segments are kept out of the prompt
+            self.all_tokens += [t for seg in self.segments[before:] if seg["text"] and seg["start"] != seg["end"]
+                                for t in seg["tokens"]]
+            if not self.options.condition_on_previous_text or r.temperature > 0.5:
+                self.prompt_reset_since = len(self.all_tokens)
         return self.segments[before:]
 
     def result(self) -> dict:
         """{"text", "language", "segments", "duration"} of the finished input."""
         duration = round(len(self.audio) / SAMPLE_RATE, 3)
         segments = [seg for seg in self.segments if seg["text"]]
-        for seg in segments:  # the model may stamp an end inside the zero padding after the audio
+        for i, seg in enumerate(segments):  # the model may stamp an end inside the zero padding after the audio
+            seg["id"] = i
             seg["end"] = min(seg["end"], duration)
             seg["start"] = min(seg["start"], seg["end"])
         return {"text": " ".join(seg["text"] for seg in segments).strip(), "language": self.language or "en",
@@ -129,21 +169,27 @@ def _feature_device(model) -> torch.device | str:
 
 def decode_windows(model, windows: list[Window]) -> list[DecodingResult]:
     """Decode windows that share their DecodingOptions in one batch: stack their mels and run the model's
-    (or runtime's) decoder. `model`: a liteasr Whisper, a liteasr.cuda.CudaRuntime or the MLX twin."""
+    (or runtime's) decoder, with the search and temperature fallback of the options and each window's own
+    prompt (windows whose prompts differ in length are decoded in separate passes of the same call).
+    `model`: a liteasr Whisper, a liteasr.cuda.CudaRuntime or the MLX twin."""
     options = windows[0].options
     if any(w.options != options for w in windows):
         raise ValueError("decode_windows: windows of one batch must share their DecodingOptions")
     mel = torch.stack([w.mel for w in windows])  # (B, n_mels, 3000)
     decode_batch = getattr(model, "decode", None) or partial(decode, model)  # runtimes and MLX: their own
-    return decode_batch(mel, options, [w.language for w in windows])
+    # the temperature fallback happens inside: only failing windows are decoded again, batched
+    return decode_batch(mel, options, [w.language for w in windows], [list(w.prompt) for w in windows])
 
 
 def transcribe(model, audio: str | os.PathLike | np.ndarray | list, **options) -> dict | list[dict]:
     """Transcribe one input or a list of inputs (paths or 16-kHz float arrays).
 
     `model`: a liteasr Whisper (the eager reference on its device), a liteasr.cuda.CudaRuntime (the fast
-    CUDA path) or the MLX twin. Returns, per input, {"text", "language", "segments": [{"start", "end",
-    "text", "tokens", "avg_logprob", "no_speech_prob"}], "duration"}; a single input gives a single dict.
+    CUDA path) or the MLX twin. `options`: the fields of TranscribeOptions (openai-whisper's names; the default
+    is greedy decoding with temperature fallback, as openai-whisper's transcribe()). Returns, per input,
+    {"text", "language", "segments": [{"id", "seek", "start", "end", "text", "tokens", "temperature",
+    "avg_logprob", "compression_ratio", "no_speech_prob"}], "duration"}, openai-whisper's schema; a single
+    input gives a single dict.
     The first input that cannot be read or decoded raises; `transcribe_iter` carries on past bad inputs."""
     single = not isinstance(audio, (list, tuple))
     items = [audio] if single else list(audio)
@@ -240,19 +286,27 @@ def is_silent(samples: np.ndarray) -> bool:
     return float(np.percentile(energy_db, 95) - np.percentile(energy_db, 10)) < STEADY_DB
 
 
-def _advance(s: Job, r: DecodingResult, opts: TranscribeOptions, tok: Tokenizer) -> None:
-    """Turn one decoded window into segments and move `s.seek` past what it covered."""
+def _silence(r: DecodingResult, opts: TranscribeOptions) -> bool:
+    """openai-whisper's no-speech rule: confident silence and an unconvincing transcript. Without a fallback
+    (one temperature) also: a window the model rates as no speech whose text is a repetition loop ("5,5,5,…" on
+    noise), which the fallback would otherwise have re-decoded."""
+    if opts.no_speech_threshold is None or r.no_speech_prob <= opts.no_speech_threshold:
+        return False
+    unlikely = opts.logprob_threshold is None or r.avg_logprob <= opts.logprob_threshold
+    looping = (opts.compression_ratio_threshold is not None and r.compression_ratio > opts.compression_ratio_threshold
+               and len(opts.decoding(False).temperatures) == 1)
+    return unlikely or looping
+
+
+def _advance(s: Job, r: DecodingResult, opts: TranscribeOptions, tok: Tokenizer) -> bool:
+    """Turn one decoded window into segments and move `s.seek` past what it covered; False when it was skipped
+    as silence."""
     ts0 = tok.timestamp_begin
     size = min(N_FRAMES, s.frames - s.seek)  # frames of real audio in this window
     offset = s.seek * HOP_LENGTH / SAMPLE_RATE
-    if r.no_speech_prob > opts.no_speech_threshold and (
-            r.avg_logprob < opts.logprob_threshold or compression_ratio(r.text) > opts.compression_ratio_threshold):
-        # Whisper's no-speech rule (confident silence and an unconvincing transcript), plus: a
-        # window the model itself rates as no speech whose text is a repetition loop ("5,5,5,…"
-        # on noise) is skipped too. openai/whisper would re-decode such text at a higher
-        # temperature; greedy-only decoding has no fallback, so the no-speech verdict wins.
+    if _silence(r, opts):
         s.seek += size
-        return
+        return False
     tokens = r.tokens
     is_ts = [t >= ts0 for t in tokens]
     # Boundaries between two consecutive timestamps close one segment and open the next.
@@ -263,33 +317,29 @@ def _advance(s: Job, r: DecodingResult, opts: TranscribeOptions, tok: Tokenizer)
         start = 0
         for end in slices:
             part = tokens[start:end]
-            s.segments.append(_segment(part, offset + (part[0] - ts0) * TIME_PRECISION,
+            s.segments.append(_segment(s.seek, part, offset + (part[0] - ts0) * TIME_PRECISION,
                                        offset + (part[-1] - ts0) * TIME_PRECISION, r, tok))
             start = end
         # Resume from the last closed timestamp, unless the window ended with a lone timestamp.
         # (mel frames = 2 per timestamp step; at least one frame, so a window of zero-length segments still moves on)
         s.seek += size if single_ending else max((tokens[start - 1] - ts0) * 2, 1)
-        return
+        return True
     stamps = [t for t in tokens if t >= ts0]
     duration = size * HOP_LENGTH / SAMPLE_RATE
     if stamps and stamps[-1] != ts0:
         duration = (stamps[-1] - ts0) * TIME_PRECISION
     if any(not t for t in is_ts):
-        s.segments.append(_segment(tokens, offset, offset + duration, r, tok))
+        s.segments.append(_segment(s.seek, tokens, offset, offset + duration, r, tok))
     s.seek += size
+    return True
 
 
-def compression_ratio(text: str) -> float:
-    """len(text) / len(gzip(text)) in UTF-8 bytes: about 1-2 for speech, high for repetition loops."""
-    raw = text.encode("utf-8")
-    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
-
-
-def _segment(tokens: list[int], start: float, end: float, r: DecodingResult, tok: Tokenizer) -> dict:
-    text_tokens = [t for t in tokens if t < tok.timestamp_begin]
-    return {"start": round(start, 3), "end": round(end, 3), "text": tok.decode(text_tokens).strip(),
-            "tokens": text_tokens,
-            "avg_logprob": r.avg_logprob, "no_speech_prob": r.no_speech_prob}
+def _segment(seek: int, tokens: list[int], start: float, end: float, r: DecodingResult, tok: Tokenizer) -> dict:
+    """One segment in openai-whisper's schema (`id` is set when the input is finished); tokens include the
+    timestamp tokens, as there."""
+    return {"seek": seek, "start": round(start, 3), "end": round(end, 3), "text": tok.decode(tokens).strip(),
+            "tokens": list(tokens), "temperature": r.temperature, "avg_logprob": r.avg_logprob,
+            "compression_ratio": r.compression_ratio, "no_speech_prob": r.no_speech_prob}
 
 
 # ---------------------------------------------------------------------------------------------------
