@@ -59,6 +59,57 @@ def _backend(args, name: str):
     return model
 
 
+def _str2bool(text: str) -> bool:
+    values = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return values[text.lower()]
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _decoding_args(p: argparse.ArgumentParser) -> None:
+    """openai-whisper's decoding flags and defaults (its CLI: beam search of 5, 5 samples per fallback)."""
+    g = p.add_argument_group("decoding (openai-whisper's flags)")
+    g.add_argument("--temperature", type=float, default=0.0, help="temperature of the first decoding (default 0)")
+    g.add_argument("--temperature-increment-on-fallback", type=_optional_float, default=0.2,
+                   help="re-decode a failing window at temperature + k × this, up to 1.0; None: no fallback")
+    g.add_argument("--best-of", type=int, default=5, help="samples per window when sampling (temperature > 0)")
+    g.add_argument("--beam-size", type=int, default=5, help="beams at temperature 0; 0: greedy (default 5)")
+    g.add_argument("--patience", type=float, default=None, help="beam-search patience (default 1)")
+    g.add_argument("--length-penalty", type=float, default=None,
+                   help="alpha of the length penalty ((5 + n) / 6) ** alpha (default: divide by the length)")
+    g.add_argument("--compression-ratio-threshold", type=_optional_float, default=2.4,
+                   help="fall back when the text's gzip compression ratio is above this (None: never)")
+    g.add_argument("--logprob-threshold", type=_optional_float, default=-1.0,
+                   help="fall back when the average log-probability is below this (None: never)")
+    g.add_argument("--no-speech-threshold", type=_optional_float, default=0.6,
+                   help="skip a window as silence when P(no speech) is above this and the log-probability is low")
+    g.add_argument("--initial-prompt", default=None, help="text prompting the first window (names, spelling, style)")
+    g.add_argument("--carry-initial-prompt", type=_str2bool, default=False,
+                   help="prompt every window with --initial-prompt (hotwords)")
+    g.add_argument("--condition-on-previous-text", type=_str2bool, default=True,
+                   help="prompt each window with the text before it (False: windows are independent)")
+    g.add_argument("--prefix", default=None, help="text forced at the start of every window")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling at temperature > 0")
+
+
+def _decoding_options(args) -> dict:
+    """The TranscribeOptions fields of the decoding flags, one to one (the schedule from openai-whisper's two
+    temperature flags)."""
+    from .transcribe import temperature_schedule
+
+    return dict(temperature=temperature_schedule(args.temperature, args.temperature_increment_on_fallback),
+                best_of=args.best_of, beam_size=args.beam_size or None,
+                patience=args.patience, length_penalty=args.length_penalty,
+                compression_ratio_threshold=args.compression_ratio_threshold,
+                logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
+                initial_prompt=args.initial_prompt, carry_initial_prompt=args.carry_initial_prompt,
+                condition_on_previous_text=args.condition_on_previous_text, prefix=args.prefix, seed=args.seed)
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -72,7 +123,7 @@ def cmd_transcribe(args) -> None:
     timestamps = True if args.timestamps or any(f in ("srt", "vtt") for f in formats) else None
     model = _backend(args, args.model)
     options = TranscribeOptions(language=args.language, task=args.task, batch_size=args.batch_size,
-                                timestamps=timestamps, progress=not args.no_progress)
+                                timestamps=timestamps, progress=not args.no_progress, **_decoding_options(args))
     failed: list[str] = []
     for i, result in transcribe_iter(model, list(args.files), options):
         file = args.files[i]
@@ -288,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default="continue", choices=["continue", "fail"],
                    help="continue: transcribe every readable input, list the failed ones at the end and exit 1; "
                    "fail: stop at the first bad input")
+    _decoding_args(p)
     _runtime_args(p)
     p.set_defaults(func=cmd_transcribe)
 

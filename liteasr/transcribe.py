@@ -74,6 +74,14 @@ class TranscribeOptions:
                                prefix=self.prefix, seed=self.seed)
 
 
+def temperature_schedule(temperature: float, increment: float | None) -> tuple[float, ...]:
+    """openai-whisper CLI's schedule: temperature, temperature + increment, … up to 1.0; just `temperature` when
+    the increment is None."""
+    if increment is None or increment <= 0:
+        return (temperature,)
+    return tuple(round(float(t), 6) for t in np.arange(temperature, 1.0 + 1e-6, increment))
+
+
 @dataclass(frozen=True)
 class Window:
     """One 30-s window of one Job, ready to decode. Windows with equal `options` can share a batch."""
@@ -387,5 +395,6 @@ def write_result(result: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["transcribe", "transcribe_iter", "TranscribeOptions", "Job", "Window", "decode_windows", "render",
+__all__ = ["transcribe", "transcribe_iter", "TranscribeOptions", "Job", "Window", "decode_windows", "temperature_schedule",
+           "render",
            "write_result", "format_timestamp"]
