@@ -94,6 +94,20 @@ def _decoding_args(p: argparse.ArgumentParser) -> None:
                    help="prompt each window with the text before it (False: windows are independent)")
     g.add_argument("--prefix", default=None, help="text forced at the start of every window")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling at temperature > 0")
+    g.add_argument("--word-timestamps", type=_str2bool, default=False,
+                   help="time every word (cross-attention + DTW) and add them to the segments")
+    g.add_argument("--prepend-punctuations", default="\"'“¿([{-",
+                   help="with --word-timestamps: merge these into the following word")
+    g.add_argument("--append-punctuations", default="\"'.。,，!！?？:：”)]}、",
+                   help="with --word-timestamps: merge these into the preceding word")
+    g.add_argument("--max-line-width", type=int, default=None,
+                   help="srt/vtt, with --word-timestamps: characters per line before a line break")
+    g.add_argument("--max-line-count", type=int, default=None,
+                   help="srt/vtt, with --word-timestamps: lines per cue")
+    g.add_argument("--max-words-per-line", type=int, default=None,
+                   help="srt/vtt, with --word-timestamps: words per line (ignored with --max-line-width)")
+    g.add_argument("--highlight-words", type=_str2bool, default=False,
+                   help="srt/vtt, with --word-timestamps: underline each word as it is spoken")
 
 
 def _decoding_options(args) -> dict:
@@ -107,7 +121,19 @@ def _decoding_options(args) -> dict:
                 compression_ratio_threshold=args.compression_ratio_threshold,
                 logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
                 initial_prompt=args.initial_prompt, carry_initial_prompt=args.carry_initial_prompt,
-                condition_on_previous_text=args.condition_on_previous_text, prefix=args.prefix, seed=args.seed)
+                condition_on_previous_text=args.condition_on_previous_text, prefix=args.prefix, seed=args.seed,
+                word_timestamps=args.word_timestamps, prepend_punctuations=args.prepend_punctuations,
+                append_punctuations=args.append_punctuations)
+
+
+def _subtitle_options(args):
+    from .transcribe import SubtitleOptions
+
+    for flag in ("max_line_width", "max_line_count", "max_words_per_line", "highlight_words"):
+        if getattr(args, flag) and not args.word_timestamps:
+            raise ValueError(f"--{flag.replace('_', '-')} needs --word-timestamps True")
+    return SubtitleOptions(max_line_width=args.max_line_width, max_line_count=args.max_line_count,
+                           highlight_words=args.highlight_words, max_words_per_line=args.max_words_per_line)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -121,6 +147,7 @@ def cmd_transcribe(args) -> None:
         raise ValueError(f"-f {args.output_format} of {len(args.files)} file(s) to stdout would mix them: "
                          "pass --output-dir (or -f txt)")
     timestamps = True if args.timestamps or any(f in ("srt", "vtt") for f in formats) else None
+    subtitles = _subtitle_options(args)
     model = _backend(args, args.model)
     options = TranscribeOptions(language=args.language, task=args.task, batch_size=args.batch_size,
                                 timestamps=timestamps, progress=not args.no_progress, **_decoding_options(args))
@@ -135,9 +162,9 @@ def cmd_transcribe(args) -> None:
             continue
         if args.output_dir:  # each input's outputs written (atomically) as soon as it is finished
             for fmt in formats:
-                write_result(result, Path(args.output_dir) / f"{Path(file).stem}.{fmt}")
+                write_result(result, Path(args.output_dir) / f"{Path(file).stem}.{fmt}", subtitles)
         if formats == ("txt",) or not args.output_dir:
-            text = render(result, formats[0]).rstrip("\n")
+            text = render(result, formats[0], subtitles).rstrip("\n")
             print(f"{file}: {text}" if len(args.files) > 1 else text, flush=True)
     if failed:
         if len(args.files) > 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +62,9 @@ class TranscribeOptions:
     carry_initial_prompt: bool = False  # prompt every window with initial_prompt (hotwords), before earlier text
     prefix: str | None = None  # text forced at the start of every window (not part of the output)
     seed: int = 0  # of the sampling at temperature > 0: the same inputs and options give the same output
+    word_timestamps: bool = False  # time every word (liteasr.alignment; implies timestamps) and seek to the last one
+    prepend_punctuations: str = "\"'“¿([{-"  # with word_timestamps: merged into the following word …
+    append_punctuations: str = "\"'.。,，!！?？:：”)]}、"  # … and into the preceding one
     progress: bool = False
     max_active: int = 32  # inputs loaded at a time by transcribe_iter (bounded memory on any corpus)
 
@@ -105,6 +109,8 @@ class Job:
         self.name = name if name is not None else (str(item) if isinstance(item, (str, os.PathLike)) else "audio")
         self.options = options
         self.tokenizer: Tokenizer = model.tokenizer
+        self.model = model  # word alignment runs the decoder again
+        self.last_speech = 0.0  # end of the last timed word (openai-whisper's last_speech_timestamp)
         self.audio = load_audio(item) if isinstance(item, (str, os.PathLike)) else check_audio(np.asarray(item))
         # Features are computed by torch; a non-torch model (the MLX twin) takes them from the CPU.
         self.mel = log_mel_spectrogram(self.audio, model.dims.num_mel_bins, padding=N_SAMPLES,
@@ -132,6 +138,7 @@ class Job:
         if self.done:
             return None
         timestamps = self.options.timestamps if self.options.timestamps is not None else self.frames > N_FRAMES
+        timestamps = timestamps or self.options.word_timestamps
         mel = self.mel[:, self.seek: self.seek + N_FRAMES]  # padding appended at load keeps this 3000 frames
         return Window(self, mel, self.options.decoding(timestamps), self.language, tuple(self._prompt()))
 
@@ -145,14 +152,42 @@ class Job:
     def advance(self, r: DecodingResult) -> list[dict]:
         """Consume the decoding of the current window; returns the segments it closed."""
         self.language = self.language or r.language  # detected on the first window, kept for the rest
-        before = len(self.segments)
-        if _advance(self, r, self.options, self.tokenizer):
+        before, seek = len(self.segments), self.seek
+        single_ending = _advance(self, r, self.options, self.tokenizer)
+        if single_ending is not None:
+            if self.options.word_timestamps:
+                self._add_words(self.segments[before:], seek, single_ending, r.language)
             # as openai-whisper: instantaneous or empty segments are kept out of the prompt
             self.all_tokens += [t for seg in self.segments[before:] if seg["text"] and seg["start"] != seg["end"]
                                 for t in seg["tokens"]]
             if not self.options.condition_on_previous_text or r.temperature > 0.5:
                 self.prompt_reset_since = len(self.all_tokens)
         return self.segments[before:]
+
+    def _add_words(self, segments: list[dict], seek: int, single_ending: bool, language: str) -> None:
+        """openai-whisper's add_word_timestamps for this window's segments (refined start/end, "words"), then its
+        seek to the end of the last word when the window did not end with a lone timestamp."""
+        from .alignment import AlignmentOptions, WindowText, word_timestamps
+
+        model = getattr(self.model, "model", self.model)  # a CudaRuntime aligns with its model's eager decoder
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError("word_timestamps needs a PyTorch model or a CudaRuntime (not available on the MLX twin)")
+        offset = seek * HOP_LENGTH / SAMPLE_RATE
+        window = WindowText([s["tokens"] for s in segments], [(s["start"], s["end"]) for s in segments], offset,
+                            min(N_FRAMES, self.frames - seek), language, self.last_speech)
+        mel = self.mel[:, seek: seek + N_FRAMES][None].to(next(model.parameters()).dtype)  # (1, n_mels, 3000)
+        opts = AlignmentOptions(task=self.options.task, prepend_punctuations=self.options.prepend_punctuations,
+                                append_punctuations=self.options.append_punctuations)
+        for seg, timed in zip(segments, word_timestamps(model, mel, [window], opts)[0]):
+            seg["start"], seg["end"] = timed.start, timed.end
+            seg["words"] = [{"word": w.word, "start": w.start, "end": w.end, "probability": w.probability}
+                            for w in timed.words]
+        ends = [w["end"] for seg in segments for w in seg["words"]]
+        end = ends[-1] if ends else (segments[-1]["end"] if segments else None)
+        if end is not None:
+            if not single_ending and end > offset:
+                self.seek = round(end * SAMPLE_RATE / HOP_LENGTH)
+            self.last_speech = end
 
     def result(self) -> dict:
         """{"text", "language", "segments", "duration"} of the finished input."""
@@ -306,15 +341,15 @@ def _silence(r: DecodingResult, opts: TranscribeOptions) -> bool:
     return unlikely or looping
 
 
-def _advance(s: Job, r: DecodingResult, opts: TranscribeOptions, tok: Tokenizer) -> bool:
-    """Turn one decoded window into segments and move `s.seek` past what it covered; False when it was skipped
-    as silence."""
+def _advance(s: Job, r: DecodingResult, opts: TranscribeOptions, tok: Tokenizer) -> bool | None:
+    """Turn one decoded window into segments and move `s.seek` past what it covered. Returns None when it was
+    skipped as silence, else whether it ended with a lone timestamp (nothing spoken after it)."""
     ts0 = tok.timestamp_begin
     size = min(N_FRAMES, s.frames - s.seek)  # frames of real audio in this window
     offset = s.seek * HOP_LENGTH / SAMPLE_RATE
     if _silence(r, opts):
         s.seek += size
-        return False
+        return None
     tokens = r.tokens
     is_ts = [t >= ts0 for t in tokens]
     # Boundaries between two consecutive timestamps close one segment and open the next.
@@ -331,7 +366,7 @@ def _advance(s: Job, r: DecodingResult, opts: TranscribeOptions, tok: Tokenizer)
         # Resume from the last closed timestamp, unless the window ended with a lone timestamp.
         # (mel frames = 2 per timestamp step; at least one frame, so a window of zero-length segments still moves on)
         s.seek += size if single_ending else max((tokens[start - 1] - ts0) * 2, 1)
-        return True
+        return single_ending
     stamps = [t for t in tokens if t >= ts0]
     duration = size * HOP_LENGTH / SAMPLE_RATE
     if stamps and stamps[-1] != ts0:
@@ -339,7 +374,7 @@ def _advance(s: Job, r: DecodingResult, opts: TranscribeOptions, tok: Tokenizer)
     if any(not t for t in is_ts):
         s.segments.append(_segment(s.seek, tokens, offset, offset + duration, r, tok))
     s.seek += size
-    return True
+    return single_ending
 
 
 def _segment(seek: int, tokens: list[int], start: float, end: float, r: DecodingResult, tok: Tokenizer) -> dict:
@@ -363,26 +398,89 @@ def format_timestamp(seconds: float, separator: str = ",") -> str:
     return f"{h:02d}:{m:02d}:{s:02d}{separator}{ms:03d}"
 
 
-def render(result: dict, fmt: str) -> str:
-    """The text of one transcription result in `fmt` (txt, json, srt or vtt)."""
+@dataclass(frozen=True)
+class SubtitleOptions:
+    """How srt/vtt cues are cut when the segments carry words (openai-whisper's writer options)."""
+
+    max_line_width: int | None = None  # characters per line; with max_line_count, cues ignore segment bounds
+    max_line_count: int | None = None  # lines per cue
+    highlight_words: bool = False  # one cue per word, the word underlined in its line
+    max_words_per_line: int | None = None
+
+
+def _cues(result: dict, opts: SubtitleOptions, sep: str) -> Iterator[tuple[str, str, str]]:
+    """(start, end, text) of every srt/vtt cue: per segment, or from the words as openai-whisper's SubtitlesWriter
+    cuts them (lines of at most max_line_width characters, max_line_count lines per cue, a new cue after a
+    pause of 3 s; segment bounds kept unless both limits are given)."""
     segs = result["segments"]
+    if not segs or "words" not in segs[0]:
+        for g in segs:
+            yield format_timestamp(g["start"], sep), format_timestamp(g["end"], sep), g["text"].strip().replace("-->", "->")
+        return
+    preserve = opts.max_line_count is None or opts.max_line_width is None
+    width, per_line = opts.max_line_width or 1000, opts.max_words_per_line or 1000
+
+    def subtitles() -> Iterator[list[dict]]:
+        line_len, line_count, subtitle = 0, 1, []
+        last = next((w["start"] for g in segs for w in g["words"]), segs[0]["start"])
+        for g in segs:
+            for chunk in range(0, len(g["words"]), per_line):
+                for i, w in enumerate(g["words"][chunk: chunk + per_line]):
+                    w = dict(w)
+                    long_pause = not preserve and w["start"] - last > 3.0
+                    has_room = line_len + len(w["word"]) <= width
+                    seg_break = i == 0 and len(subtitle) > 0 and preserve
+                    if line_len > 0 and has_room and not long_pause and not seg_break:
+                        line_len += len(w["word"])  # the line goes on
+                    else:
+                        w["word"] = w["word"].strip()
+                        if (subtitle and opts.max_line_count is not None
+                                and (long_pause or line_count >= opts.max_line_count)) or seg_break:
+                            yield subtitle  # a new cue
+                            subtitle, line_count = [], 1
+                        elif line_len > 0:  # a new line in this cue
+                            line_count += 1
+                            w["word"] = "\n" + w["word"]
+                        line_len = len(w["word"].strip())
+                    subtitle.append(w)
+                    last = w["start"]
+        if subtitle:
+            yield subtitle
+
+    for sub in subtitles():
+        start, end = format_timestamp(sub[0]["start"], sep), format_timestamp(sub[-1]["end"], sep)
+        text = "".join(w["word"] for w in sub)
+        if not opts.highlight_words:
+            yield start, end, text
+            continue
+        last = start
+        for i, w in enumerate(sub):
+            ws, we = format_timestamp(w["start"], sep), format_timestamp(w["end"], sep)
+            if last != ws:
+                yield last, ws, text
+            yield ws, we, "".join(re.sub(r"^(\s*)(.*)$", r"\1<u>\2</u>", x["word"]) if j == i else x["word"]
+                                  for j, x in enumerate(sub))
+            last = we
+
+
+def render(result: dict, fmt: str, subtitles: SubtitleOptions = SubtitleOptions()) -> str:
+    """The text of one transcription result in `fmt` (txt, json, srt or vtt); srt/vtt cues are cut by words
+    (`subtitles`) when the segments have them."""
     if fmt == "txt":
         return result["text"] + "\n"
     if fmt == "json":
         return json.dumps(result, ensure_ascii=False, indent=2) + "\n"
     if fmt == "srt":
-        return "".join(f"{i}\n{format_timestamp(g['start'])} --> {format_timestamp(g['end'])}\n{g['text']}\n\n"
-                       for i, g in enumerate(segs, 1))
+        return "".join(f"{i}\n{a} --> {b}\n{t}\n\n" for i, (a, b, t) in enumerate(_cues(result, subtitles, ","), 1))
     if fmt == "vtt":
-        return "WEBVTT\n\n" + "".join(
-            f"{format_timestamp(g['start'], '.')} --> {format_timestamp(g['end'], '.')}\n{g['text']}\n\n" for g in segs)
+        return "WEBVTT\n\n" + "".join(f"{a} --> {b}\n{t}\n\n" for a, b, t in _cues(result, subtitles, "."))
     raise ValueError(f"unknown output format {fmt!r} (choose from {', '.join(OUTPUT_FORMATS)})")
 
 
-def write_result(result: dict, path: str | os.PathLike) -> Path:
+def write_result(result: dict, path: str | os.PathLike, subtitles: SubtitleOptions = SubtitleOptions()) -> Path:
     """Write `result` to `path` in the format its suffix names, atomically (temporary file, then rename)."""
     path = Path(path)
-    text = render(result, path.suffix.lstrip("."))
+    text = render(result, path.suffix.lstrip("."), subtitles)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -396,5 +494,5 @@ def write_result(result: dict, path: str | os.PathLike) -> Path:
 
 
 __all__ = ["transcribe", "transcribe_iter", "TranscribeOptions", "Job", "Window", "decode_windows", "temperature_schedule",
-           "render",
+           "SubtitleOptions", "render",
            "write_result", "format_timestamp"]
