@@ -283,3 +283,65 @@ def test_options_refuse_nonsense():
         DecodingOptions(beam_size=2, length_penalty=1.5)
     with pytest.raises(ValueError, match="temperature"):
         DecodingOptions(temperature=(0.0, -0.2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# word timestamps through transcribe, subtitles, flags
+
+
+@pytest.mark.slow
+def test_word_timestamps_equal_openai_whisper(tiny_en, ow_tiny, jfk):
+    """Same heads, same median filter and DTW on the same window: every word, its start/end and probability
+    agree. Tolerance 0.02 s: one audio-feature frame, the DTW's resolution (a near-tie in the cost matrix may
+    move one boundary by a frame under float rounding); in practice they are equal."""
+    ours = transcribe(tiny_en, jfk, word_timestamps=True, temperature=0.0)
+    theirs = same_windows(ow_tiny, jfk, word_timestamps=True, temperature=0.0)
+    a = [w for s in ours["segments"] for w in s["words"]]
+    b = [w for s in theirs["segments"] for w in s["words"]]
+    assert [w["word"] for w in a] == [w["word"] for w in b] and len(a) > 20
+    assert [t for w in a for t in (w["start"], w["end"])] == pytest.approx([t for w in b for t in (w["start"], w["end"])],
+                                                                           abs=0.02)
+    assert [w["probability"] for w in a] == pytest.approx([w["probability"] for w in b], abs=1e-3)
+    assert [(s["start"], s["end"]) for s in ours["segments"]] == [(s["start"], s["end"]) for s in theirs["segments"]]
+
+
+def _worded(words: list[tuple[str, float, float]], cuts: list[int]) -> dict:
+    segs, start = [], 0
+    for end in cuts + [len(words)]:
+        ws = [{"word": w, "start": a, "end": b, "probability": 1.0} for w, a, b in words[start:end]]
+        segs.append({"start": ws[0]["start"], "end": ws[-1]["end"], "text": "".join(w["word"] for w in ws).strip(),
+                     "words": ws})
+        start = end
+    return {"text": " ".join(s["text"] for s in segs), "segments": segs}
+
+
+def test_subtitles_cut_by_words():
+    from liteasr.transcribe import SubtitleOptions, render
+
+    words = [(f" word{i}", i * 0.5, i * 0.5 + 0.4) for i in range(12)] + [(" late", 12.0, 12.5)]  # 6-s pause
+    res = _worded(words, [5])
+    plain = render(res, "srt").strip().split("\n\n")
+    assert len(plain) == 2  # segment bounds kept without both limits
+    cues = render(res, "srt", SubtitleOptions(max_line_width=14, max_line_count=2)).strip().split("\n\n")
+    for cue in cues:
+        lines = cue.split("\n")[2:]
+        assert 1 <= len(lines) <= 2 and all(len(x) <= 14 for x in lines)
+    assert cues[-1].split("\n")[2] == "late"  # the long pause starts a new cue
+    assert " ".join(" ".join(c.split("\n")[2:]) for c in cues).split() == [w.strip() for w, _, _ in words]
+    hl = render(res, "vtt", SubtitleOptions(highlight_words=True)).split("\n\n")[1:-1]
+    assert sum("<u>" in c for c in hl) == len(words) and "<u>word0</u> word1" in hl[0]
+
+
+def test_cli_flags_map_to_transcribe_options():
+    from liteasr.cli import _decoding_options, build_parser
+    from liteasr.transcribe import TranscribeOptions
+
+    args = build_parser().parse_args(["transcribe", "x.wav"])
+    opts = TranscribeOptions(**_decoding_options(args))
+    assert (opts.beam_size, opts.best_of, opts.temperature) == (5, 5, SCHEDULE)  # openai-whisper's CLI defaults
+    args = build_parser().parse_args(["transcribe", "x.wav", "--beam-size", "0", "--temperature-increment-on-fallback",
+                                      "None", "--condition-on-previous-text", "False", "--initial-prompt", "Hi",
+                                      "--word-timestamps", "True", "--logprob-threshold", "None"])
+    opts = TranscribeOptions(**_decoding_options(args))
+    assert (opts.beam_size, opts.temperature, opts.condition_on_previous_text) == (None, (0.0,), False)
+    assert (opts.initial_prompt, opts.word_timestamps, opts.logprob_threshold) == ("Hi", True, None)

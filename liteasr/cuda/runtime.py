@@ -12,12 +12,16 @@ Encoder (`fast_encoder`, `EncoderRunner`):
 - biases ride in cuBLAS epilogues (addmm); optionally `torch.compile` fuses LayerNorm / GELU /
   residual adds; `EncoderRunner` captures one CUDA graph per input shape.
 
-Decoder (`DecoderRunner`): one greedy decode step — embedding, every layer against a static
+Decoder (`DecoderRunner`): one decode step — embedding, every layer against a static
 448-slot KV cache under a mask (TextDecoder's Tensor-offset path), logits, Whisper's suppression
-and timestamp rules, argmax, log-probability, bookkeeping — captured in one CUDA graph per batch
-size. Token selection stays on the device; the host replays the graph and looks at the
-all-finished flag once per chunk of steps, one chunk behind, so no step waits for the host. The
-token rules are liteasr.decoding's `select_tokens`, the same code the eager reference runs.
+and timestamp rules, then the selection: argmax, a seeded sample (counter-based Gumbel noise: no
+generator state in the graph) or openai-whisper's beam update followed by the reorder of the
+static self-attention cache by beam (index_select + copy back into the same buffers) — captured in
+one CUDA graph per (batch size, rules, search). Token selection and the beam bookkeeping stay on the
+device; the host replays the graph and looks at the all-finished flag once per chunk of steps, one
+chunk behind, so no step waits for the host. The token rules and selections are liteasr.decoding's
+(`select_tokens`, `beam_select`), the same code the eager reference runs; the temperature fallback
+(liteasr.decoding.decode_with_fallback) re-runs only the failing windows through the same graphs.
 
 `CudaRuntime` owns all of it for one model: the caller builds it explicitly and passes it wherever a
 model is taken (`liteasr.transcribe(runtime, …)`); it holds no global state, so a server can keep one
