@@ -338,7 +338,7 @@ def beam_select(logits: Tensor, st: GreedyState, bs: BeamState, r: RuleTensors, 
     st.done.zero_()
     record(st, nxt, torch.zeros_like(new_score), r)
     st.sum_logprob.copy_(new_score)
-    st.done.copy_((bs.count >= m).repeat_interleave(k))  # a window is done once M hypotheses finished
+    st.done.copy_((bs.count >= m)[:, None].expand(a, k).reshape(n))  # a window is done once M hypotheses finished
     return src
 
 

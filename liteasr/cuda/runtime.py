@@ -243,6 +243,7 @@ class DecoderRunner:
         self.caches: dict[int, KVCache] = {}
         self.states: dict[int, GreedyState] = {}
         self.beam_states: dict[tuple, BeamState] = {}
+        self.samples: dict[tuple, Tensor] = {}
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, RuleTensors]] = {}
         self.rule_tensors: dict[tuple, RuleTensors] = {}
         self.pool = None
@@ -292,6 +293,13 @@ class DecoderRunner:
             self.beam_states[key] = BeamState(batch // search.group, search.group, search.max_candidates, self.n_ctx,
                                               device)
         return self.beam_states[key]
+
+    def _sample(self, batch: int, group: int, device: torch.device) -> Tensor:
+        """Each row's sample number within its window (B,): a persistent buffer, since captured graphs read it."""
+        key = (batch, group, str(device))
+        if key not in self.samples:
+            self.samples[key] = torch.arange(batch, device=device) % group
+        return self.samples[key]
 
     def _rules(self, rules: TokenRules, device: torch.device) -> RuleTensors:
         key = (rules, str(device))
@@ -370,7 +378,7 @@ class DecoderRunner:
         st = self.state(b, device)
         bs = self.beam_state(b, search, device) if search.beam else None
         r = self._rules(rules, device)
-        sample = torch.arange(b, device=device) % search.group
+        sample = self._sample(b, search.group, device)
         max_new = min(max_new, self.n_ctx - prompt_len + 1)
         graph = self._graph(cache, st, r, search, sample, bs) if self.use_graphs else None
         st.reset(prompt_len)
