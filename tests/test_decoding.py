@@ -345,3 +345,26 @@ def test_cli_flags_map_to_transcribe_options():
     opts = TranscribeOptions(**_decoding_options(args))
     assert (opts.beam_size, opts.temperature, opts.condition_on_previous_text) == (None, (0.0,), False)
     assert (opts.initial_prompt, opts.word_timestamps, opts.logprob_threshold) == ("Hi", True, None)
+
+
+def test_mlx_searches_equal_torch_reference(tiny_en):
+    """The MLX twin decodes through the same decode_features (its network, liteasr.decoding's rules and
+    searches): beam search and the fallback's seeded samples give the torch reference's tokens. A random model of
+    small shapes keeps it fast on the netlib-BLAS CPU wheel; its peaky logits make float ties unlikely."""
+    pytest.importorskip("mlx.core")
+    import liteasr.mlx
+    from liteasr.model import Dims, Whisper
+
+    torch.manual_seed(0)
+    model = Whisper(Dims(vocab_size=51864, d_model=64, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128,
+                         decoder_layers=2, decoder_attention_heads=2, decoder_ffn_dim=128)).eval()
+    model.tokenizer = tiny_en.tokenizer
+    twin = liteasr.mlx.from_torch(model, "float32")
+    mel = torch.randn(2, 80, 3000)
+    for options in (DecodingOptions(beam_size=3, max_new_tokens=20),
+                    DecodingOptions(temperature=(0.0, 0.6), best_of=2, logprob_threshold=0.0, max_new_tokens=20)):
+        ref = decode(model, mel, options, prompts=[[], [300, 301]])
+        got = twin.decode(mel, options, prompts=[[], [300, 301]])
+        assert [r.tokens for r in got] == [r.tokens for r in ref]
+        assert [r.temperature for r in got] == [r.temperature for r in ref]
+        assert [r.avg_logprob for r in got] == pytest.approx([r.avg_logprob for r in ref], abs=1e-3)
