@@ -85,9 +85,9 @@ def cmd_transcribe(args) -> None:
         if args.output_dir:  # each input's outputs written (atomically) as soon as it is finished
             for fmt in formats:
                 write_result(result, Path(args.output_dir) / f"{Path(file).stem}.{fmt}")
-        if formats == ("txt",) or not args.output_dir:
-            text = render(result, formats[0]).rstrip("\n")
-            print(f"{file}: {text}" if len(args.files) > 1 else text, flush=True)
+        # with --output-dir the text is echoed (as openai-whisper's CLI does); without, the chosen format
+        text = (result["text"] if args.output_dir else render(result, formats[0])).rstrip("\n")
+        print(f"{file}: {text}" if len(args.files) > 1 else text, flush=True)
     if failed:
         if len(args.files) > 1:
             rest = ("stopped there (--on-error fail)" if args.on_error == "fail"
