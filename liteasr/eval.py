@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ import jiwer
 from tqdm import tqdm
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
+
+from . import atomic
 
 # Languages without spaces between words: WER there would measure the tokenizer, not the model.
 CER_LANGS = frozenset({"ja", "zh", "yue"})
@@ -305,29 +306,12 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    # Temp file in the same directory so os.replace is an atomic rename: a reader never sees a
-    # half-written report, and an interrupted run leaves the previous one intact.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: dict[str, Any], out_json: str | os.PathLike,
                  out_md: str | os.PathLike | None = None,
                  title: str = "LiteASR evaluation") -> None:
     """Atomically write ``report`` as JSON and, if ``out_md`` is given, as a markdown summary."""
     # allow_nan=False: a NaN/inf would produce JSON other tools cannot parse; fail loudly instead.
-    _atomic_write_text(Path(out_json), json.dumps(report, indent=2, ensure_ascii=False,
-                                                  allow_nan=False) + "\n")
+    atomic.write_text(out_json, json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     if out_md is None:
         return
     parts = [f"# {title}", "", format_table(report), ""]
@@ -340,4 +324,4 @@ def write_report(report: dict[str, Any], out_json: str | os.PathLike,
     if empty:
         parts.append(f"{empty} clip(s) with an empty normalised reference are counted but "
                      "excluded from the rates.")
-    _atomic_write_text(Path(out_md), "\n".join(parts) + "\n")
+    atomic.write_text(out_md, "\n".join(parts) + "\n")
