@@ -13,14 +13,12 @@ layers' outputs.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -111,11 +109,6 @@ def _site_modules(model: Whisper, layers: list[int] | None = None) -> dict[str, 
     return sites
 
 
-def encoder_frames(num_samples: int) -> int:
-    """Encoder positions covering `num_samples` of real audio (2 mel frames of 160 samples each)."""
-    return min(1500, max(1, math.ceil(num_samples / 320)))
-
-
 @torch.inference_mode()
 def calibrate(model: Whisper, audio: list, frames: str = "audio", batch_size: int = 8,
               progress: bool = True, ids: list[str] | None = None, layers: list[int] | None = None) -> Calibration:
@@ -126,7 +119,7 @@ def calibrate(model: Whisper, audio: list, frames: str = "audio", batch_size: in
     all); the forward pass stops after the last of them. Hooks are always removed, even on error."""
     from tqdm import tqdm
 
-    from .audio import N_SAMPLES, load_audio, log_mel_spectrogram, pad_or_trim
+    from .audio import mel_batch
 
     if frames not in FRAME_POLICIES:
         raise ValueError(f"frames must be one of {FRAME_POLICIES}, not {frames!r}")
@@ -153,15 +146,10 @@ def calibrate(model: Whisper, audio: list, frames: str = "audio", batch_size: in
             handles.append(model.encoder.layers[max(layers)].register_forward_hook(stop))
         start = time.perf_counter()
         for i in tqdm(range(0, len(audio), batch_size), disable=not progress, desc="calibrate", unit="batch"):
-            chunk = [load_audio(a) if isinstance(a, (str, os.PathLike)) else np.asarray(a, np.float32)
-                     for a in audio[i: i + batch_size]]
-            mel = log_mel_spectrogram(np.stack([pad_or_trim(a) for a in chunk]), model.dims.num_mel_bins, device=device)
-            n = torch.tensor([encoder_frames(min(len(a), N_SAMPLES)) for a in chunk], device=device)
-            t = torch.arange(1500, device=device)
-            mask[:] = [t[None, :] < n[:, None] if frames == "audio" else torch.ones(len(chunk), 1500, dtype=torch.bool,
-                                                                                        device=device)]
+            mel, frame_mask = mel_batch(audio[i: i + batch_size], model.dims.num_mel_bins, device, dtype)
+            mask[:] = [frame_mask if frames == "audio" else torch.ones_like(frame_mask)]
             try:
-                model.encoder(mel.to(dtype))
+                model.encoder(mel)
             except _Stop:
                 pass
     finally:

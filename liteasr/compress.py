@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .audio import mel_batch
 from .calibrate import MIN_CLIPS, Calibration, calibrate
 from .model import LowRankLinear, Whisper, dense_weight, encoder_linears, set_module
 
@@ -219,14 +220,8 @@ def compress(model: Whisper, calibration_audio: list, threshold: str | float = "
 
 def _probe_mel(model: Whisper, audio: list, n: int = 4) -> Tensor:
     """Log-mel windows (n, n_mels, 3000) of the first n calibration clips, for sensitivity probes."""
-    import numpy as np
-
-    from .audio import load_audio, log_mel_spectrogram, pad_or_trim
-
     p = next(model.parameters())
-    clips = [load_audio(a) if isinstance(a, (str, os.PathLike)) else np.asarray(a, np.float32) for a in audio[:n]]
-    return log_mel_spectrogram(np.stack([pad_or_trim(c) for c in clips]), model.dims.num_mel_bins,
-                               device=p.device).to(p.dtype)
+    return mel_batch(audio[:n], model.dims.num_mel_bins, p.device, p.dtype)[0]
 
 
 def encoder_size(model: Whisper) -> dict[str, int]:

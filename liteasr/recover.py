@@ -15,7 +15,6 @@ import os
 import numpy as np
 import torch
 
-from .calibrate import encoder_frames
 from .model import LowRankLinear, Whisper
 
 
@@ -62,7 +61,7 @@ def distill(student: Whisper, teacher: Whisper, audio: list, steps: int, lr: flo
     Returns the loss of every step; `student` is left in eval mode with no parameter requiring grad."""
     from tqdm import tqdm
 
-    from .audio import N_SAMPLES, load_audio, log_mel_spectrogram, pad_or_trim
+    from .audio import load_audio, mel_batch
 
     params = [p for m in student.encoder.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
     if not params:
@@ -85,10 +84,8 @@ def distill(student: Whisper, teacher: Whisper, audio: list, steps: int, lr: flo
                     a = audio[i]
                     cache[i] = load_audio(a) if isinstance(a, (str, os.PathLike)) else np.asarray(a, np.float32)
             clips = [cache[i] for i in idx]
-            mel = log_mel_spectrogram(np.stack([pad_or_trim(c) for c in clips]), student.dims.num_mel_bins,
-                                      device=device).to(dtype)
-            n = torch.tensor([encoder_frames(min(len(c), N_SAMPLES)) for c in clips], device=device)
-            mask = (torch.arange(1500, device=device)[None, :] < n[:, None])[..., None]  # (B, 1500, 1)
+            mel, frame_mask = mel_batch(clips, student.dims.num_mel_bins, device, dtype)
+            mask = frame_mask[..., None]  # (B, 1500, 1)
             with torch.no_grad():
                 target = teacher.encoder(mel)  # (B, 1500, d)
             out = student.encoder(mel)
