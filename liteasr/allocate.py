@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 from .calibrate import Calibration
-from .compress import factor
-from .model import Whisper, dense_weight, encoder_linears, set_module
+from .model import LowRankLinear, Whisper, dense_weight, encoder_linears, set_module
 
 
 @dataclass
@@ -49,7 +48,7 @@ def sensitivities(model: Whisper, calib: Calibration, mel: Tensor, probe: float 
         # the probe rank: the multiple of 16 that explains `probe`, leaving at least 16 directions out
         k = next((k for k in range(16, len(cum) - 15, 16) if cum[k - 1] > probe), max(16, len(cum) - 16))
         discarded = 1.0 - cum[k - 1]
-        set_module(model, name, factor(layer, mean, cov, k))
+        set_module(model, name, LowRankLinear.from_pca(layer, mean, cov, k))
         err = float((model.encoder(mel) - ref).pow(2).mean() / power)
         set_module(model, name, layer)
         out[name] = err / max(discarded, 1e-9)

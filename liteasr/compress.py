@@ -138,20 +138,6 @@ def make_plan(model: Whisper, calib: Calibration, threshold: str | float = "0.99
 # 3. factor and swap
 
 
-def factor(layer: nn.Module, mean: Tensor, cov: Tensor, rank: int) -> LowRankLinear:
-    """PCA factors of `layer` at `rank`: weight1 = Wᵀ V_k (in, k), weight2 = V_kᵀ (k, out),
-    bias = μ + V_k V_kᵀ (b − μ). Computed in float64, stored in the layer's dtype."""
-    w, b = dense_weight(layer)
-    dtype = w.dtype
-    w = w.detach().to(cov.device, torch.float64)  # (out, in)
-    b = b.detach().to(w) if b is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
-    v = vecs[:, -rank:].flip(1)  # (out, k): top-k principal directions
-    bias = mean + v @ (v.T @ (b - mean))
-    out = LowRankLinear.from_factors((w.T @ v).to(dtype), v.T.contiguous().to(dtype), bias.to(dtype))
-    return out.to(layer.weight1.device if isinstance(layer, LowRankLinear) else layer.weight.device)
-
-
 @torch.no_grad()  # not inference_mode: the new parameters must stay usable for training (recovery)
 def apply_plan(model: Whisper, calib: Calibration, plan: Plan) -> Whisper:
     """Swap every planned linear for its LowRankLinear factors, in place; returns the model."""
@@ -161,7 +147,7 @@ def apply_plan(model: Whisper, calib: Calibration, plan: Plan) -> Whisper:
         if isinstance(layer, LowRankLinear) and layer.rank == rank:
             continue
         mean, cov = calib.output_moments(name, layer)
-        set_module(model, name, factor(layer, mean, cov, rank))
+        set_module(model, name, LowRankLinear.from_pca(layer, mean, cov, rank))
     return model
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from liteasr.calibrate import MIN_CLIPS, Moments, calibrate, select_calibration
-from liteasr.compress import (apply_plan, choose_rank, compress, factor, load_plan, make_plan, parse_threshold,
+from liteasr.compress import (apply_plan, choose_rank, compress, load_plan, make_plan, parse_threshold,
                               save_plan)
 from liteasr.model import LowRankLinear, encoder_linears
 
@@ -84,11 +84,11 @@ def test_factor_full_rank_is_exact_and_low_rank_is_pca_optimal():
     y = dense(x)
     m = Moments(48)
     m.add(y)
-    full = factor(dense, m.mean, m.covariance, 48)
+    full = LowRankLinear.from_pca(dense, m.mean, m.covariance, 48)
     print("full-rank max diff", (full(x) - y).abs().max().item())
     assert torch.allclose(full(x), y, atol=1e-10)
     # the rank-16 factor's error equals the discarded variance (PCA optimality)
-    low = factor(dense, m.mean, m.covariance, 16)
+    low = LowRankLinear.from_pca(dense, m.mean, m.covariance, 16)
     err = (low(x) - y).pow(2).sum(1).mean()
     discarded = torch.linalg.eigvalsh(m.covariance)[:-16].sum()
     print("error", err.item(), "discarded variance", discarded.item())
