@@ -1,7 +1,8 @@
 """Model-agnostic evaluation: manifests, splits, normalised corpus WER/CER, reports.
 
-Nothing here imports the model: :func:`evaluate` takes any ``transcribe(list[Clip]) ->
-list[str]`` callable, so the same code scores the reference model, a quantised one or a fake.
+:func:`evaluate` takes any ``transcribe(list[Clip]) -> list[str]`` callable, so the same code
+scores the reference model, a quantised one or a fake; :func:`transcribe_clips` is that callable
+for a liteasr model (the only function here that touches one, importing it lazily).
 """
 from __future__ import annotations
 
@@ -158,6 +159,53 @@ def split_clips(
         k = min(max(round(len(members) * calibration_fraction), 1), len(members) - 1)
         cal_ids.update(c.id for c in members[:k])
     return [c for c in clips if c.id in cal_ids], [c for c in clips if c.id not in cal_ids]
+
+
+def spread(items: Sequence, n: int | None, key: Callable[[Any], Any] | None = None) -> list:
+    """``n`` items evenly spaced over ``items``, in their order (all of them when ``n`` is None or not smaller).
+
+    With ``key`` (e.g. the clip's domain) the items are strata: each gets one item first, when ``n``
+    allows, and the rest in proportion to its size (largest remainders), evenly spaced within it.
+    Manifests are grouped by domain, so the first ``n`` clips would all come from the first domain,
+    and plain even spacing would still miss the domains of one or two clips.
+    """
+    items = list(items)
+    if n is None or n >= len(items):
+        return items
+    if n < 1:
+        raise ValueError(f"limit must be at least 1, not {n}")
+    if key is None:
+        return [items[i * len(items) // n] for i in range(n)]
+    groups: dict[Any, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        groups[key(item)].append(i)
+    sizes = {g: len(idx) for g, idx in groups.items()}
+    base = 1 if n >= len(groups) else 0
+    share = {g: (n - base * len(groups)) * (size - base) / (len(items) - base * len(groups)) for g, size in sizes.items()}
+    quota = {g: base + int(share[g]) for g in groups}
+    for g in sorted(groups, key=lambda g: (int(share[g]) - share[g], -sizes[g]))[: n - sum(quota.values())]:
+        quota[g] += 1  # the largest remainders take the items left over
+    chosen = [idx[j * len(idx) // quota[g]] for g, idx in groups.items() for j in range(quota[g])]
+    return [items[i] for i in sorted(chosen)]
+
+
+def transcribe_clips(model: Any, clips: Sequence[Clip], batch_size: int = 8,
+                     detect_language: bool = False) -> list[str]:
+    """Transcripts of ``clips`` by a liteasr model, in order.
+
+    Each clip's manifest language is forced, as ASR benchmarks do (clips are decoded in groups of one
+    language), unless ``detect_language``, which lets a multilingual model detect it.
+    """
+    from .transcribe import transcribe
+
+    langs = [None if detect_language else c.lang for c in clips]
+    texts = [""] * len(clips)
+    for lang in dict.fromkeys(langs):
+        idx = [i for i, lg in enumerate(langs) if lg == lang]
+        out = transcribe(model, [str(clips[i].audio) for i in idx], language=lang, batch_size=batch_size)
+        for i, r in zip(idx, out):
+            texts[i] = r["text"]
+    return texts
 
 
 def metric_for(lang: str) -> str:
