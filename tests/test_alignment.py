@@ -26,8 +26,8 @@ from openai_whisper_ref import openai_whisper_heads, openai_whisper_model, trans
 
 FRAME = 0.02  # seconds per audio-feature frame: the resolution of DTW
 TOLERANCE = 2 * FRAME + 1e-6  # + rounding to 10 ms
-TINY_CLIPS = ["ami_ES2011a_40s_46s", "cv_en_sample-000004", "earnings22_4482311_part0", "voxpopuli_en_000_part1"]
-BASE_CLIPS = ["jfk_inaugural", "ami_ES2011a_40s_46s"]
+TINY_CLIPS = ["ami_ES2011a_40s_46s", "voxpopuli_en_000_part1"]  # a meeting; parliament speech in 6 segments
+BASE_CLIPS = ["jfk_inaugural"]
 TWO_WINDOWS = ["ls_other_3080-5032-0009", "jfk_inaugural"]  # 22.75 s + 11 s: a second window with an offset
 NAMES = {(80, 51864, 384, 4): "tiny.en", (80, 51865, 384, 4): "tiny", (80, 51864, 512, 6): "base.en",
          (80, 51865, 512, 6): "base", (80, 51864, 768, 12): "small.en", (80, 51865, 768, 12): "small",
@@ -203,6 +203,7 @@ def test_openai_whisper_checkpoint_is_our_model(tiny_en, ref_tiny, jfk):
         torch.testing.assert_close(tiny_en(mel, tokens), ref_tiny(mel, tokens), atol=2e-3, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_words_match_openai_whisper_tiny_en(tiny_en, ref_tiny, check_clips, speech_dev, audio_cache):
     rows = _rows(check_clips, speech_dev, TINY_CLIPS + [TWO_WINDOWS])
     recorded = _reference_windows(ref_tiny, tiny_en, rows, audio_cache, None)
@@ -215,13 +216,16 @@ def test_words_match_openai_whisper_tiny_en(tiny_en, ref_tiny, check_clips, spee
     ours = word_timestamps(tiny_en, features, windows)  # every window of every clip in one batch
     stats = _compare(recorded, ours)
     print(f"tiny.en: {stats}")
-    assert stats["words"] >= 60
+    assert stats["words"] >= 100
     # The decode's own cache (cross keys/values) gives the same result, and the mel path too.
-    reused = word_timestamps(tiny_en, features, windows, cache=tiny_en.decoder.new_cache(features))
+    with torch.inference_mode():
+        cache = tiny_en.decoder.new_cache(features)
+    reused = word_timestamps(tiny_en, features, windows, cache=cache)
     assert reused == ours
     assert word_timestamps(tiny_en, mel[:2], windows[:2]) == ours[:2]
 
 
+@pytest.mark.slow
 def test_words_match_openai_whisper_base(base, ref_base, check_clips, speech_dev, audio_cache):
     rows = _rows(check_clips, speech_dev, BASE_CLIPS)
     recorded = _reference_windows(ref_base, base, rows, audio_cache, "en")
@@ -229,7 +233,7 @@ def test_words_match_openai_whisper_base(base, ref_base, check_clips, speech_dev
     ours = word_timestamps(base, torch.stack([w.mel for w in recorded]), windows)
     stats = _compare(recorded, ours)
     print(f"base: {stats}")
-    assert stats["words"] >= 25
+    assert stats["words"] >= 20
 
 
 def test_factored_encoder_aligns_unchanged(tiny_en, jfk):
