@@ -4,14 +4,16 @@
 
 Windows: speech-dev clips (at most 30 s, sorted by id) concatenated and cut into full 30-s
 windows of real speech, so every window carries a full window's text (about 80-100 words). Each
-batch is first decoded once with timestamps (greedy, `decode_reference`), untimed, to get the
+batch is first decoded once with timestamps (greedy, `liteasr.decoding.decode`), untimed, to get the
 tokens and segments. Then, per round, interleaved:
 
-- decode: `decode_reference` of the batch (encoder + greedy decoding with timestamps), the
+- decode: `decode` of the batch (encoder + greedy decoding with timestamps), the
   transcription cost that alignment is added to;
 - align: `word_timestamps(model, features, windows)` given the encoder output (what transcribe
   has at hand): the cross keys/values are projected again;
-- align+cache: the same with the decode's KVCache passed in (its cross keys/values reused).
+- align+cache: the same with the decode's KVCache passed in (its cross keys/values reused);
+- align(mel): `word_timestamps(model, mel, windows)`: the encoder runs again (what a caller that
+  kept neither the features nor the cache pays).
 
 The median over --repeats rounds is reported per window, with align / decode. Threads: --threads
 (default 1, as the test suite on the shared 2-core machine).
@@ -32,7 +34,7 @@ import torch
 import liteasr
 from liteasr.alignment import WindowText, word_timestamps
 from liteasr.audio import N_SAMPLES, SAMPLE_RATE, load_audio, log_mel_spectrogram
-from liteasr.decoding import DecodingOptions, decode_reference
+from liteasr.decoding import DecodingOptions, decode
 from liteasr.eval import read_manifest
 from liteasr.tokenizer import TIME_PRECISION
 
@@ -81,24 +83,26 @@ def timed(fn) -> float:
 
 def bench(model, mel: torch.Tensor, repeats: int) -> dict:
     opts = DecodingOptions(timestamps=True, language="en")
-    results = decode_reference(model, mel, opts, ["en"] * mel.shape[0])
+    results = decode(model, mel, opts, ["en"] * mel.shape[0])
     windows = [window_text(r.tokens, model.tokenizer) for r in results]
     with torch.inference_mode():
         features = model.encoder(mel)
         cache = model.decoder.new_cache(features)
     words = sum(len(w.words) for segs in word_timestamps(model, features, windows) for w in segs)  # warm-up
-    times: dict[str, list[float]] = {"decode": [], "align": [], "align+cache": []}
+    times: dict[str, list[float]] = {"decode": [], "align": [], "align+cache": [], "align(mel)": []}
     for _ in range(repeats):
-        times["decode"].append(timed(lambda: decode_reference(model, mel, opts, ["en"] * mel.shape[0])))
+        times["decode"].append(timed(lambda: decode(model, mel, opts, ["en"] * mel.shape[0])))
         times["align"].append(timed(lambda: word_timestamps(model, features, windows)))
         times["align+cache"].append(timed(lambda: word_timestamps(model, features, windows, cache=cache)))
+        times["align(mel)"].append(timed(lambda: word_timestamps(model, mel, windows)))
     b = mel.shape[0]
     per_window = {k: statistics.median(v) / b for k, v in times.items()}
     return {"batch": b, "words_per_window": words / b,
             "tokens_per_window": sum(len(r.tokens) for r in results) / b,
             **{f"{k}_s_per_window": round(v, 4) for k, v in per_window.items()},
             "align_over_decode": round(per_window["align"] / per_window["decode"], 3),
-            "align_cache_over_decode": round(per_window["align+cache"] / per_window["decode"], 3)}
+            "align_cache_over_decode": round(per_window["align+cache"] / per_window["decode"], 3),
+            "align_mel_over_decode": round(per_window["align(mel)"] / per_window["decode"], 3)}
 
 
 def main() -> None:
