@@ -222,7 +222,15 @@ def test_words_match_openai_whisper_tiny_en(tiny_en, ref_tiny, check_clips, spee
         cache = tiny_en.decoder.new_cache(features)
     reused = word_timestamps(tiny_en, features, windows, cache=cache)
     assert reused == ours
-    assert word_timestamps(tiny_en, mel[:2], windows[:2]) == ours[:2]
+    # From the mel (encoded here, in a batch of another size: float rounding may differ, not the words).
+    from_mel = word_timestamps(tiny_en, mel[:2], windows[:2])
+    for a, b in zip(_flat_words(from_mel), _flat_words(ours[:2]), strict=True):
+        assert a.word == b.word and abs(a.start - b.start) <= TOLERANCE and abs(a.end - b.end) <= TOLERANCE
+        assert a.probability == pytest.approx(b.probability, abs=1e-3)
+
+
+def _flat_words(windows):
+    return [w for segments in windows for s in segments for w in s.words]
 
 
 @pytest.mark.slow
