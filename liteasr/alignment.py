@@ -149,9 +149,14 @@ def word_timestamps(model: Whisper, features: Tensor, windows: list[WindowText],
     """
     if features.shape[0] != len(windows):
         raise ValueError(f"features hold {features.shape[0]} windows but {len(windows)} WindowText were given")
-    for w in windows:
+    is_mel = features.shape[-1] != model.dims.d_model
+    max_frames = features.shape[-1] if is_mel else features.shape[1] * FRAMES_PER_TOKEN  # mel frames per window
+    for i, w in enumerate(windows):
         if len(w.tokens) != len(w.spans):
-            raise ValueError(f"WindowText has {len(w.tokens)} token lists but {len(w.spans)} spans")
+            raise ValueError(f"windows[{i}]: {len(w.tokens)} token lists but {len(w.spans)} spans")
+        if not FRAMES_PER_TOKEN <= w.frames <= max_frames:
+            raise ValueError(f"windows[{i}]: frames={w.frames} is not a mel-frame count of the window "
+                             f"({FRAMES_PER_TOKEN}..{max_frames})")
     tok: Tokenizer = model.tokenizer
     text = [[t for seg in w.tokens for t in seg if t < tok.eot] for w in windows]
     timings: list[list[_Timing]] = [[] for _ in windows]
