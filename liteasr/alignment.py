@@ -44,8 +44,8 @@ KNOWN_HEADS: dict[tuple[int, int, int, int], tuple[tuple[int, int], ...]] = {
     (80, 51865, 384, 4): ((2, 2), (3, 0), (3, 2), (3, 3), (3, 4), (3, 5)),  # tiny
     (80, 51864, 512, 6): ((3, 3), (4, 7), (5, 1), (5, 5), (5, 7)),  # base.en
     (80, 51865, 512, 6): ((3, 1), (4, 2), (4, 3), (4, 7), (5, 1), (5, 2), (5, 4), (5, 6)),  # base
-    (80, 51864, 768, 12): ((6, 6), (7, 0), (7, 3), (7, 8), (8, 2), (8, 5), (8, 7), (9, 0), (9, 4), (9, 8),
-                           (9, 10), (10, 0), (10, 1), (10, 2), (10, 3), (10, 6), (10, 11), (11, 2), (11, 4)),  # small.en
+    (80, 51864, 768, 12): ((6, 6), (7, 0), (7, 3), (7, 8), (8, 2), (8, 5), (8, 7), (9, 0), (9, 4), (9, 8),  # small.en
+                           (9, 10), (10, 0), (10, 1), (10, 2), (10, 3), (10, 6), (10, 11), (11, 2), (11, 4)),
     (80, 51865, 768, 12): ((5, 3), (5, 9), (8, 0), (8, 4), (8, 7), (8, 8), (9, 0), (9, 7), (9, 9), (10, 5)),  # small
     (80, 51864, 1024, 24): ((11, 4), (14, 1), (14, 12), (14, 14), (15, 4), (16, 0), (16, 4), (16, 9), (17, 12),
                             (17, 14), (18, 7), (18, 10), (18, 15), (20, 0), (20, 3), (20, 9), (20, 14),
@@ -136,16 +136,28 @@ def alignment_heads(model: Whisper) -> tuple[tuple[int, int], ...]:
 def word_timestamps(model: Whisper, features: Tensor, windows: list[WindowText],
                     options: AlignmentOptions = AlignmentOptions(), cache: KVCache | None = None,
                     ) -> list[list[TimedSegment]]:
-    """Time every word of a batch of decoded windows.
+    """Time every word of a batch of decoded windows (openai-whisper's `add_word_timestamps`, batched).
 
-    features: the windows' audio features (B, S, d_model) from `model.encoder` (S = 1500 for 30 s),
-    or their log-mel (B, n_mels, 3000), which is encoded here. windows: B `WindowText`, row b
-    describing features[b]. cache: optionally the KVCache the same B windows were decoded with
-    (rows in the same order): its cross-attention keys/values are reused instead of projecting the
-    features again (a third of the cost on tiny.en); its self-attention part is not touched. Returns, per window, one `TimedSegment` per input segment (same order),
-    with segment bounds refined as openai-whisper does; words are in seconds from the input start.
-    The next window of the same input takes as its `last_speech` the end of the last word found
-    here (openai-whisper's `last_speech_timestamp`), so windows of one input are aligned in order.
+    Args:
+        model: a liteasr Whisper (dense or factored encoder; the decoder is what aligns).
+        features: the windows' audio features (B, S, d_model) from `model.encoder` (S = 1500 for
+            30 s), or their log-mel (B, n_mels, 3000), which is then encoded here.
+        windows: B `WindowText`; windows[b] describes features[b].
+        options: heads, median-filter width, punctuation sets, task of the prompt.
+        cache: optionally the KVCache the same B windows were decoded with (rows in the same
+            order): its cross-attention keys/values are reused instead of projected again (saves
+            20-35 % of the alignment time on CPU); the cache itself is not modified.
+
+    Returns:
+        Per window, one `TimedSegment` per input segment (same order): the segment's bounds refined
+        as openai-whisper does and its words, in seconds from the start of the input. The next
+        window of the same input takes as `last_speech` the end of the last word found here
+        (openai-whisper's `last_speech_timestamp`), so the windows of one input align in order.
+
+    Example::
+
+        segments = word_timestamps(model, features, [WindowText([tokens], [(0.0, 4.2)], 0.0, 3000)])
+        [(w.word, w.start, w.end) for w in segments[0][0].words]
     """
     if features.shape[0] != len(windows):
         raise ValueError(f"features hold {features.shape[0]} windows but {len(windows)} WindowText were given")

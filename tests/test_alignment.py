@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from liteasr.alignment import (KNOWN_HEADS, AlignmentOptions, TimedSegment, WindowText, alignment_heads, dtw, median_filter,
-                               merge_punctuations, split_to_word_tokens, word_timestamps)
+from liteasr.alignment import (KNOWN_HEADS, AlignmentOptions, TimedSegment, WindowText, alignment_heads, dtw,
+                               median_filter, merge_punctuations, split_to_word_tokens, word_timestamps)
 from liteasr.model import Dims, LowRankLinear, set_module
 
 try:  # the reference; part of the dev extra, so CI always has it
@@ -205,7 +205,8 @@ def test_openai_whisper_checkpoint_is_our_model(tiny_en, ref_tiny, jfk):
     from whisper.audio import log_mel_spectrogram, pad_or_trim
 
     mel = pad_or_trim(log_mel_spectrogram(torch.from_numpy(jfk), 80), 3000)[None]
-    tokens = torch.tensor([[tiny_en.tokenizer.sot, tiny_en.tokenizer.no_timestamps] + tiny_en.tokenizer.encode(" And so")])
+    tok = tiny_en.tokenizer
+    tokens = torch.tensor([[tok.sot, tok.no_timestamps] + tok.encode(" And so")])
     with torch.inference_mode():
         torch.testing.assert_close(tiny_en(mel, tokens), ref_tiny(mel, tokens), atol=2e-3, rtol=1e-4)
 
