@@ -1,6 +1,7 @@
 """What word timestamps cost per 30-s window on CPU, next to decoding the same window.
 
-    .venv/bin/python benchmarks/alignment_cpu.py --models tiny.en base --batch 1 4 --repeats 3
+    .venv/bin/python benchmarks/alignment_cpu.py --models tiny.en base --batch 1 4 --repeats 3 \
+        --output docs/results/alignment-cpu.json
 
 Windows: speech-dev clips (at most 30 s, sorted by id) concatenated and cut into full 30-s
 windows of real speech, so every window carries a full window's text (about 80-100 words). Each
