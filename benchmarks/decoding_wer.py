@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/decoding_wer.py --models tiny.en /tmp/tiny-c --clips 60 --openai-whisper \
         --output docs/results/decoding-wer-tiny.en.json
 
-Clips: the speech-dev clips *not* chosen for calibration by `liteasr.calibrate.select_calibration(manifest,
+Clips: the speech-dev clips *not* chosen for calibration by `liteasr.compress.calibrate.select_calibration(manifest,
 --num-calibration)` (the clips `liteasr compress --num-clips 64` calibrated on), sorted by id, --clips of them
 evenly spaced (every domain appears). Audio is decoded once, before any timing; the forced language is "en".
 
@@ -32,7 +32,7 @@ import torch
 
 import liteasr
 from liteasr.audio import SAMPLE_RATE, load_audio
-from liteasr.calibrate import select_calibration
+from liteasr.compress.calibrate import select_calibration
 from liteasr.decoding import compression_ratio
 from liteasr.eval import read_manifest, score
 
@@ -79,7 +79,7 @@ def run_openai_whisper(model, name: str, arrays, clips, mode: str) -> dict:
 def summary(clips, texts: list[str], wall: float, n_fallback: int) -> dict:
     audio_s = sum(c.duration for c in clips)
     s = score(clips, texts)
-    return {"wer": round(100 * s["overall"]["wer"], 2), "windows_fell_back": n_fallback,
+    return {"wer": round(100 * s["overall"]["error_rate"], 2), "windows_fell_back": n_fallback,
             "loops_left": sum(compression_ratio(t) > 2.4 for t in texts), "wall_s": round(wall, 2),
             "rtfx": round(audio_s / wall, 2), "texts": texts}
 
@@ -115,10 +115,9 @@ def main() -> None:
                 report["runs"].append(row)
                 print(f"{name:>24} {mode:>16} {engine:>15}: WER {row['wer']:6.2f} %  fell back {row['windows_fell_back']:3d}"
                       f"  loops left {row['loops_left']}  RTFx {row['rtfx']:6.2f}", flush=True)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {args.output}")
+                if args.output:  # after every run: a long benchmark keeps what it measured
+                    args.output.parent.mkdir(parents=True, exist_ok=True)
+                    args.output.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
