@@ -451,9 +451,9 @@ def search_for(options: DecodingOptions, temperature: float) -> Search:
     """openai-whisper's choice per temperature: beam search (if beam_size) at 0, best_of samples above 0."""
     if temperature > 0:
         return Search(temperature, options.best_of or 1, seed=options.seed)
-    if options.beam_size is not None:
-        return Search(0.0, options.beam_size, beam=True, patience=options.patience or 1.0, seed=options.seed)
-    return Search(0.0, seed=options.seed)
+    if options.beam_size is not None:  # no seed: deterministic searches share one CUDA graph across seeds
+        return Search(0.0, options.beam_size, beam=True, patience=options.patience or 1.0)
+    return Search(0.0)
 
 
 def needs_fallback(r: DecodingResult, options: DecodingOptions) -> bool:
