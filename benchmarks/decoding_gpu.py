@@ -35,17 +35,19 @@ from gpu_bench import LARGE_V3_PROMPT, bench_rules, random_model  # noqa: E402
 def time_search(rt, model, batch: int, search: Search, n_tokens: int, repeats: int) -> float:
     rows = batch * search.group
     d = model.dims.d_model
-    features = torch.randn(rows, model.dims.max_source_positions, d, device="cuda", dtype=next(model.parameters()).dtype)
+    device = next(model.parameters()).device
+    features = torch.randn(rows, model.dims.max_source_positions, d, device=device, dtype=next(model.parameters()).dtype)
     cache = rt.decoder.cache(features)
-    prompt = torch.tensor([LARGE_V3_PROMPT] * rows, device="cuda")
+    prompt = torch.tensor([LARGE_V3_PROMPT] * rows, device=device)
     logits = model.decoder(prompt, cache)[:, -1]
     run = rt.decoder.beam_search if search.beam else rt.decoder.greedy
     best = float("inf")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i in range(repeats + 1):  # the first call captures the graph
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         run(cache, logits, prompt.shape[1], bench_rules(), n_tokens, search)
-        torch.cuda.synchronize()
+        sync()
         if i:
             best = min(best, time.perf_counter() - t)
     return best * 1000
