@@ -116,7 +116,7 @@ class Job:
         self.mel = log_mel_spectrogram(self.audio, model.dims.num_mel_bins, padding=N_SAMPLES,
                                        device=_feature_device(model))  # (n_mels, frames + N_FRAMES)
         self.frames = self.mel.shape[-1] - N_FRAMES  # mel frames of real audio
-        self.mel_ctx = model.dims.max_target_positions  # decoder context: prompts keep its last half
+        self.n_text_ctx = model.dims.max_target_positions  # decoder context: prompts keep its last half
         self.language = options.language if model.is_multilingual else "en"
         self.seek = 0
         self.segments: list[dict] = []
@@ -144,7 +144,7 @@ class Job:
 
     def _prompt(self) -> list[int]:
         if self.options.carry_initial_prompt:
-            n_ctx = self.mel_ctx
+            n_ctx = self.n_text_ctx
             rest = self.all_tokens[max(len(self.initial_prompt), self.prompt_reset_since):]
             return self.initial_prompt + rest[len(rest) - max(n_ctx // 2 - 1 - len(self.initial_prompt), 0):]
         return self.all_tokens[self.prompt_reset_since:]
