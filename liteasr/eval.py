@@ -188,21 +188,23 @@ def spread(items: Sequence, n: int | None, key: Callable[[Any], Any] | None = No
 
 
 def transcribe_clips(model: Any, clips: Sequence[Clip], batch_size: int = 8,
-                     detect_language: bool = False) -> list[str]:
-    """Transcripts of ``clips`` by a liteasr model, in order.
+                     detect_language: bool = False, **options: Any) -> list[str | Exception]:
+    """Transcripts of ``clips`` by a liteasr model (or runtime), in order; an Exception in place of the
+    transcript of a clip that could not be read or decoded (the others are still transcribed).
 
     Each clip's manifest language is forced, as ASR benchmarks do (clips are decoded in groups of one
-    language), unless ``detect_language``, which lets a multilingual model detect it.
+    language), unless ``detect_language``, which lets a multilingual model detect it. ``options`` are
+    further TranscribeOptions fields (e.g. decoding options).
     """
-    from .transcribe import transcribe
+    from .transcribe import TranscribeOptions, transcribe_iter
 
     langs = [None if detect_language else c.lang for c in clips]
-    texts = [""] * len(clips)
+    texts: list[str | Exception] = [""] * len(clips)
     for lang in dict.fromkeys(langs):
         idx = [i for i, lg in enumerate(langs) if lg == lang]
-        out = transcribe(model, [str(clips[i].audio) for i in idx], language=lang, batch_size=batch_size)
-        for i, r in zip(idx, out):
-            texts[i] = r["text"]
+        opts = TranscribeOptions(language=lang, batch_size=batch_size, **options)
+        for j, r in transcribe_iter(model, [str(clips[i].audio) for i in idx], opts):
+            texts[idx[j]] = r if isinstance(r, Exception) else r["text"]
     return texts
 
 
@@ -308,7 +310,7 @@ def evaluate(
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     clips = list(clips)
-    hyps: list[str] = []
+    hyps: list[str | Exception] = []
     wall = 0.0
     with tqdm(total=len(clips), unit="clip", desc="transcribe", disable=not progress) as bar:
         for start in range(0, len(clips), batch_size):
@@ -320,10 +322,15 @@ def evaluate(
                 raise ValueError(f"transcribe returned {len(out)} texts for {len(batch)} clips")
             hyps.extend(out)
             bar.update(len(batch))
-    report = score(clips, hyps)
-    audio_s = sum(c.duration for c in clips)
+    # clips that failed (unreadable audio, a decode error) are listed and left out of every rate
+    failed = [{"id": c.id, "error": str(h)} for c, h in zip(clips, hyps) if isinstance(h, Exception)]
+    kept = [(c, h) for c, h in zip(clips, hyps) if not isinstance(h, Exception)]
+    if not kept:
+        raise ValueError(f"every clip failed ({len(failed)}); first: {failed[0]['id']}: {failed[0]['error']}")
+    report = score([c for c, _ in kept], [h for _, h in kept])
+    audio_s = sum(c.duration for c, _ in kept)
     report.update(wall_s=wall, audio_s=audio_s, rtfx=audio_s / wall if wall > 0 else None,
-                  batch_size=batch_size)
+                  batch_size=batch_size, n_failed=len(failed), failed=failed)
     return report
 
 
@@ -349,6 +356,9 @@ def format_table(report: dict[str, Any]) -> str:
     lines += [_fmt_row(d, g, mixed) for d, g in report["by_domain"].items()]
     if len(report.get("by_lang", {})) > 1:
         lines += [_fmt_row(f"lang: {k}", g, mixed) for k, g in report["by_lang"].items()]
+    if report.get("n_failed"):
+        lines.append(f"\n{report['n_failed']} clip(s) failed and are left out of every rate: "
+                     + "; ".join(f"{f['id']} ({f['error']})" for f in report["failed"]))
     return "\n".join(lines)
 
 

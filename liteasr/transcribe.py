@@ -13,7 +13,8 @@ import json
 import os
 import tempfile
 import zlib
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -50,93 +51,182 @@ class TranscribeOptions:
     logprob_threshold: float = -1.0  # … and the decoded text's average log-probability is below this,
     compression_ratio_threshold: float = 2.4  # … or its text is a repetition loop (gzip ratio above this)
     progress: bool = False
+    max_active: int = 32  # inputs loaded at a time by transcribe_iter (bounded memory on any corpus)
 
 
-@dataclass
-class _State:
-    """Decoding progress of one input."""
+@dataclass(frozen=True)
+class Window:
+    """One 30-s window of one Job, ready to decode. Windows with equal `options` can share a batch."""
 
-    mel: torch.Tensor  # (n_mels, frames + N_FRAMES): log-mel with 30 s of padding appended
-    audio: np.ndarray
-    frames: int  # mel frames of real audio
-    language: str | None
-    seek: int = 0
-    segments: list[dict] = field(default_factory=list)
+    job: "Job"
+    mel: torch.Tensor  # (n_mels, 3000)
+    options: DecodingOptions
+    language: str | None  # known (forced, or detected on an earlier window) or None: detect
 
 
-def transcribe(model: Whisper, audio: str | os.PathLike | np.ndarray | list, **options) -> dict | list[dict]:
+class Job:
+    """One input transcribed window by window, Whisper's way: `window()` gives the next window to decode
+    (None when the input is finished), `advance(result)` turns its decoding into segments and moves the
+    window start ("seek"). Loading happens at construction, so a bad input fails there, alone.
+
+    Jobs of many inputs, even of many callers, can have their windows decoded together (`decode_windows`):
+    `transcribe` does it for a list of inputs, the server across requests."""
+
+    def __init__(self, model, item, options: "TranscribeOptions", name: str | None = None) -> None:
+        self.name = name if name is not None else (str(item) if isinstance(item, (str, os.PathLike)) else "audio")
+        self.options = options
+        self.tokenizer: Tokenizer = model.tokenizer
+        self.audio = load_audio(item) if isinstance(item, (str, os.PathLike)) else check_audio(np.asarray(item))
+        # Features are computed by torch; a non-torch model (the MLX twin) takes them from the CPU.
+        self.mel = log_mel_spectrogram(self.audio, model.dims.num_mel_bins, padding=N_SAMPLES,
+                                       device=_feature_device(model))  # (n_mels, frames + N_FRAMES)
+        self.frames = self.mel.shape[-1] - N_FRAMES  # mel frames of real audio
+        self.language = options.language if model.is_multilingual else "en"
+        self.seek = 0
+        self.segments: list[dict] = []
+
+    @property
+    def done(self) -> bool:
+        return self.seek >= self.frames
+
+    def window(self) -> Window | None:
+        """The next window to decode, skipping silent ones; None when the input is finished."""
+        while not self.done and self._silent():
+            self.seek += min(N_FRAMES, self.frames - self.seek)
+        if self.done:
+            return None
+        timestamps = self.options.timestamps if self.options.timestamps is not None else self.frames > N_FRAMES
+        options = DecodingOptions(task=self.options.task, timestamps=timestamps)
+        mel = self.mel[:, self.seek: self.seek + N_FRAMES]  # padding appended at load keeps this 3000 frames
+        return Window(self, mel, options, self.language)
+
+    def advance(self, r: DecodingResult) -> list[dict]:
+        """Consume the decoding of the current window; returns the segments it closed."""
+        self.language = self.language or r.language  # detected on the first window, kept for the rest
+        before = len(self.segments)
+        _advance(self, r, self.options, self.tokenizer)
+        return self.segments[before:]
+
+    def result(self) -> dict:
+        """{"text", "language", "segments", "duration"} of the finished input."""
+        duration = round(len(self.audio) / SAMPLE_RATE, 3)
+        segments = [seg for seg in self.segments if seg["text"]]
+        for seg in segments:  # the model may stamp an end inside the zero padding after the audio
+            seg["end"] = min(seg["end"], duration)
+            seg["start"] = min(seg["start"], seg["end"])
+        return {"text": " ".join(seg["text"] for seg in segments).strip(), "language": self.language or "en",
+                "segments": segments, "duration": duration}
+
+    def _silent(self) -> bool:
+        return is_silent(self.audio[self.seek * HOP_LENGTH: (self.seek + N_FRAMES) * HOP_LENGTH])
+
+
+def _feature_device(model) -> torch.device | str:
+    if isinstance(model, torch.nn.Module):
+        return next(model.parameters()).device
+    return getattr(model, "device", "cpu")  # a CudaRuntime names its device; the MLX twin takes CPU features
+
+
+def decode_windows(model, windows: list[Window]) -> list[DecodingResult]:
+    """Decode windows that share their DecodingOptions in one batch: stack their mels and run the model's
+    (or runtime's) decoder. `model`: a liteasr Whisper, a liteasr.cuda.CudaRuntime or the MLX twin."""
+    options = windows[0].options
+    if any(w.options != options for w in windows):
+        raise ValueError("decode_windows: windows of one batch must share their DecodingOptions")
+    mel = torch.stack([w.mel for w in windows])  # (B, n_mels, 3000)
+    decode_batch = getattr(model, "decode", None) or partial(decode, model)  # runtimes and MLX: their own
+    return decode_batch(mel, options, [w.language for w in windows])
+
+
+def transcribe(model, audio: str | os.PathLike | np.ndarray | list, **options) -> dict | list[dict]:
     """Transcribe one input or a list of inputs (paths or 16-kHz float arrays).
 
-    Returns, per input, {"text", "language", "segments": [{"start", "end", "text", "tokens",
-    "avg_logprob", "no_speech_prob"}], "duration"}; a single input gives a single dict.
-    """
-    opts = TranscribeOptions(**options)
+    `model`: a liteasr Whisper (the eager reference on its device), a liteasr.cuda.CudaRuntime (the fast
+    CUDA path) or the MLX twin. Returns, per input, {"text", "language", "segments": [{"start", "end",
+    "text", "tokens", "avg_logprob", "no_speech_prob"}], "duration"}; a single input gives a single dict.
+    The first input that cannot be read or decoded raises; `transcribe_iter` carries on past bad inputs."""
     single = not isinstance(audio, (list, tuple))
     items = [audio] if single else list(audio)
-    states = [_prepare(model, item, opts) for item in items]
-    _run(model, states, opts)
-    results = [_finish(s) for s in states]
+    results: list[dict] = [{}] * len(items)
+    for i, out in transcribe_iter(model, items, TranscribeOptions(**options)):
+        if isinstance(out, Exception):
+            raise out
+        results[i] = out
     return results[0] if single else results
 
 
-def _prepare(model: Whisper, item, opts: TranscribeOptions) -> _State:
-    samples = load_audio(item) if isinstance(item, (str, os.PathLike)) else check_audio(np.asarray(item))
-    # Features are computed by torch; a non-torch model (the MLX twin) takes them from the CPU.
-    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else "cpu"
-    mel = log_mel_spectrogram(samples, model.dims.num_mel_bins, padding=N_SAMPLES, device=device)
-    frames = mel.shape[-1] - N_FRAMES
-    return _State(mel, samples, frames, opts.language if model.is_multilingual else "en")
+def transcribe_iter(model, items: list, options: "TranscribeOptions" = None,
+                    names: list[str] | None = None) -> Iterator[tuple[int, dict | Exception]]:
+    """Transcribe many inputs, yielding (index, result) as soon as each input is finished, and (index,
+    exception) for an input that could not be read or decoded: one bad input never stops the others.
 
-
-def _run(model: Whisper, states: list[_State], opts: TranscribeOptions) -> None:
+    At most `options.max_active` inputs are loaded at a time (a corpus of any size runs in bounded memory);
+    their windows are batched together, longest remaining audio first."""
     from tqdm import tqdm
 
-    total = sum(s.frames for s in states)
-    with tqdm(total=total, unit="frames", disable=not opts.progress, desc="transcribe") as bar:
-        while active := [s for s in states if s.seek < s.frames]:
-            # Longest remaining audio first: windows of similar length decode for a similar number
-            # of steps, so a batch wastes fewer steps on rows that already reached <|endoftext|>.
-            active.sort(key=lambda s: s.frames - s.seek, reverse=True)
-            for i in range(0, len(active), opts.batch_size):
-                batch = active[i: i + opts.batch_size]
-                before = sum(s.seek for s in batch)
-                _step(model, batch, opts)
-                bar.update(sum(s.seek for s in batch) - before)
+    opts = options or TranscribeOptions()
+    pending = iter(enumerate(items))
+    active: list[tuple[int, Job]] = []
+    with tqdm(total=len(items), unit="file", disable=not opts.progress, desc="transcribe") as bar:
+        while True:
+            while len(active) < opts.max_active and (nxt := next(pending, None)) is not None:
+                i, item = nxt
+                try:
+                    active.append((i, Job(model, item, opts, names[i] if names else None)))
+                except Exception as e:  # unreadable input: report it, keep going
+                    bar.update()
+                    yield i, _named(e, names[i] if names else item)
+            if not active:
+                return
+            failed = _step(model, [job for _, job in active], opts)
+            for i, job in list(active):
+                if job in failed or job.done:
+                    active.remove((i, job))
+                    bar.update()
+                    yield i, _named(failed[job], job.name) if job in failed else job.result()
 
 
-def _step(model: Whisper, batch: list[_State], opts: TranscribeOptions) -> None:
-    """Decode the current window of every input in `batch` and advance their seek positions."""
-    silent = [_is_silent(s) for s in batch]
-    todo = [s for s, quiet in zip(batch, silent) if not quiet]
-    for s in (s for s, quiet in zip(batch, silent) if quiet):
-        s.seek += min(N_FRAMES, s.frames - s.seek)
-    if not todo:
-        return
-    # Windows that need timestamps and windows that don't take different prompts: decode apart.
-    groups: dict[bool, list[_State]] = {}
-    for s in todo:
-        groups.setdefault(_wants_timestamps(s, opts), []).append(s)
-    for ts, group in groups.items():
-        mel = torch.stack([_window(s) for s in group])  # (B, n_mels, 3000)
-        options = DecodingOptions(task=opts.task, timestamps=ts)
-        decode_batch = getattr(model, "decode", None) or partial(decode, model)  # MLX twin: its own decode
-        results = decode_batch(mel, options, [s.language for s in group])
-        for s, r in zip(group, results):
-            s.language = s.language or r.language  # detected on the first window, kept for the rest
-            _advance(s, r, opts, model.tokenizer)
+def _named(e: Exception, item) -> Exception:
+    """e, with the input's name in its message when it does not say it already."""
+    name = str(item) if isinstance(item, (str, os.PathLike)) else None
+    if name is None or name in str(e):
+        return e
+    return type(e)(f"{name}: {e}") if type(e) in (ValueError, RuntimeError, OSError) else e
 
 
-def _wants_timestamps(s: _State, opts: TranscribeOptions) -> bool:
-    return opts.timestamps if opts.timestamps is not None else s.frames > N_FRAMES
+def _step(model, jobs: list[Job], opts: "TranscribeOptions") -> dict[Job, Exception]:
+    """Decode one window of every job, in batches of equal options, longest remaining audio first (windows of
+    similar length decode for a similar number of steps, so a batch wastes fewer steps on finished rows).
+    Returns the jobs whose window failed to decode, with the error; a failing batch is retried window by
+    window so that only the bad input fails."""
+    windows = [w for job in sorted(jobs, key=lambda j: j.frames - j.seek, reverse=True) if (w := job.window())]
+    groups: dict[DecodingOptions, list[Window]] = {}
+    for w in windows:
+        groups.setdefault(w.options, []).append(w)
+    failed: dict[Job, Exception] = {}
+    for group in groups.values():
+        for i in range(0, len(group), opts.batch_size):
+            batch = group[i: i + opts.batch_size]
+            try:
+                outs = list(zip(batch, decode_windows(model, batch)))
+            except Exception as e:
+                if len(batch) == 1:
+                    failed[batch[0].job] = e
+                    continue
+                outs = []
+                for w in batch:
+                    try:
+                        outs.append((w, decode_windows(model, [w])[0]))
+                    except Exception as e1:
+                        failed[w.job] = e1
+            for w, r in outs:
+                w.job.advance(r)
+    return failed
 
 
-def _window(s: _State) -> torch.Tensor:
-    return s.mel[:, s.seek: s.seek + N_FRAMES]  # padding appended by _prepare keeps this 3000 frames
-
-
-def _is_silent(s: _State) -> bool:
-    a, b = s.seek * HOP_LENGTH, (s.seek + N_FRAMES) * HOP_LENGTH
-    chunk = s.audio[a:b].astype(np.float64)
+def is_silent(samples: np.ndarray) -> bool:
+    """Whether a window's samples never reach the model (digital silence, or quiet and steady noise)."""
+    chunk = samples.astype(np.float64)
     if chunk.size == 0:
         return True
     # RMS, not peak: faint broadband noise has peaks 10-15 dB above its RMS level
@@ -150,7 +240,7 @@ def _is_silent(s: _State) -> bool:
     return float(np.percentile(energy_db, 95) - np.percentile(energy_db, 10)) < STEADY_DB
 
 
-def _advance(s: _State, r: DecodingResult, opts: TranscribeOptions, tok: Tokenizer) -> None:
+def _advance(s: Job, r: DecodingResult, opts: TranscribeOptions, tok: Tokenizer) -> None:
     """Turn one decoded window into segments and move `s.seek` past what it covered."""
     ts0 = tok.timestamp_begin
     size = min(N_FRAMES, s.frames - s.seek)  # frames of real audio in this window
@@ -202,16 +292,6 @@ def _segment(tokens: list[int], start: float, end: float, r: DecodingResult, tok
             "avg_logprob": r.avg_logprob, "no_speech_prob": r.no_speech_prob}
 
 
-def _finish(s: _State) -> dict:
-    duration = round(len(s.audio) / SAMPLE_RATE, 3)
-    segments = [seg for seg in s.segments if seg["text"]]
-    for seg in segments:  # the model may stamp an end inside the zero padding after the audio
-        seg["end"] = min(seg["end"], duration)
-        seg["start"] = min(seg["start"], seg["end"])
-    return {"text": " ".join(seg["text"] for seg in segments).strip(), "language": s.language or "en",
-            "segments": segments, "duration": duration}
-
-
 # ---------------------------------------------------------------------------------------------------
 # output writers
 
@@ -257,4 +337,5 @@ def write_result(result: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["transcribe", "TranscribeOptions", "render", "write_result", "format_timestamp"]
+__all__ = ["transcribe", "transcribe_iter", "TranscribeOptions", "Job", "Window", "decode_windows", "render",
+           "write_result", "format_timestamp"]

@@ -237,15 +237,30 @@ def test_spread_even_and_by_domain(dev_manifest: Path) -> None:
 def test_transcribe_clips_forces_the_manifest_language(monkeypatch) -> None:
     calls = []
 
-    def fake(model, paths, language=None, batch_size=8):
-        calls.append((language, len(paths)))
-        return [{"text": f"{language}:{Path(p).stem}"} for p in paths]
+    def fake(model, paths, options):
+        calls.append((options.language, len(paths)))
+        return [(i, {"text": f"{options.language}:{Path(p).stem}"}) for i, p in enumerate(paths)]
 
     import importlib
 
     # the module: the root package binds the function liteasr.transcribe over the name
-    monkeypatch.setattr(importlib.import_module("liteasr.transcribe"), "transcribe", fake)
+    monkeypatch.setattr(importlib.import_module("liteasr.transcribe"), "transcribe_iter", fake)
     clips = [clip(0, "a", lang="de"), clip(1, "b", lang="en"), clip(2, "c", lang="de")]
     assert transcribe_clips(None, clips) == ["de:c0", "en:c1", "de:c2"]  # in order, one call per language
     assert calls == [("de", 2), ("en", 1)]
     assert transcribe_clips(None, clips, detect_language=True) == ["None:c0", "None:c1", "None:c2"]
+
+
+def test_failed_clips_are_listed_and_left_out_of_the_rates() -> None:
+    """A clip that cannot be transcribed is named in the report, counted, and scored nowhere."""
+    clips = [clip(i, "alpha beta gamma", "d", dur=2.0) for i in range(4)]
+
+    def fake(batch: list[Clip]) -> list:
+        return [OSError(f"{c.id}.wav: not audio") if c.id == "c2" else c.text for c in batch]
+
+    rep = evaluate(fake, clips, batch_size=3, progress=False)
+    assert rep["n_failed"] == 1 and rep["failed"] == [{"id": "c2", "error": "c2.wav: not audio"}]
+    assert rep["overall"]["error_rate"] == 0 and rep["overall"]["ref_units"] == 9 and rep["audio_s"] == 6.0
+    assert "1 clip(s) failed" in format_table(rep) and "c2" in format_table(rep)
+    with pytest.raises(ValueError, match="every clip failed"):
+        evaluate(lambda b: [OSError("bad")] * len(b), clips, batch_size=4, progress=False)

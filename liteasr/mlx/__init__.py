@@ -19,7 +19,8 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from ..decoding import DecodingOptions, DecodingResult, _no_speech_prob, _result, greedy, prompt_batch
+from ..decoding import (DecodingOptions, DecodingResult, TokenRules, greedy, make_result, no_speech_probs,
+                        prompt_batch)
 from .model import LowRankLinear, Whisper
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -98,16 +99,17 @@ def decode(model: Whisper, mel: torch.Tensor, options: DecodingOptions | None = 
     cache = model.decoder.new_cache(audio_features)
     languages, prompts, max_new = prompt_batch(model, options, languages, x.shape[0],
                                                lambda: detect_language(model, audio_features, cache)[0])
-    n_prompt = len(prompts[0])  # the same for every language
     out = model.decoder(mx.array(prompts), cache)  # (B, P, V) float32
-    no_speech_prob = _no_speech_prob(_to_torch(out[:, 0]), tok)
-    # the token rules are liteasr.decoding's, on the host; only the network runs in MLX
-    generated, sum_logprob = greedy(
-        _to_torch(out[:, -1]),
-        lambda next_tokens, i: _to_torch(model.decoder(mx.array(next_tokens.numpy())[:, None], cache, n_prompt + i)[:, -1]),
-        tok, options, max_new)
-    return [_result(g, lang, lp, nsp, tok) for g, lang, lp, nsp in
-            zip(generated, languages, sum_logprob.tolist(), no_speech_prob.tolist())]
+    no_speech = no_speech_probs(_to_torch(out[:, 0]), tok)
+    rules = TokenRules.from_tokenizer(tok, options.timestamps, options.max_initial_timestamp)
+
+    def step(tokens: torch.Tensor, pos: int) -> torch.Tensor:  # (B, 1) -> (B, V): only the network runs in MLX
+        return _to_torch(model.decoder(mx.array(tokens.numpy()), cache, pos)[:, -1])
+
+    # the token rules are liteasr.decoding's, on the host
+    generated, sum_logprob = greedy(_to_torch(out[:, -1]), step, rules, len(prompts[0]), max_new)
+    return [make_result(g, lang, lp, nsp, tok) for g, lang, lp, nsp in
+            zip(generated, languages, sum_logprob, no_speech.tolist())]
 
 
 def _to_torch(a: mx.array) -> torch.Tensor:

@@ -7,7 +7,7 @@ Encoder (`fast_encoder`, `EncoderRunner`):
 - q/k/v become one projection: one (d, 3d) matmul for dense layers; for factored layers one
   (d, r_q + r_k + r_v) down-projection — the three thin matmuls that run at a fraction of the GPU's
   rate become one wider one — followed by the three small up-projections;
-- attention in the reduced dimension (liteasr.kernels, Triton) where the ranks are small enough for
+- attention in the reduced dimension (liteasr.cuda.kernels, Triton) where the ranks are small enough for
   it to win on measured hardware (`lowrank_attention_wins`), SDPA otherwise;
 - biases ride in cuBLAS epilogues (addmm); optionally `torch.compile` fuses LayerNorm / GELU /
   residual adds; `EncoderRunner` captures one CUDA graph per input shape.
@@ -16,23 +16,29 @@ Decoder (`DecoderRunner`): one greedy decode step — embedding, every layer aga
 448-slot KV cache under a mask (TextDecoder's Tensor-offset path), logits, Whisper's suppression
 and timestamp rules, argmax, log-probability, bookkeeping — captured in one CUDA graph per batch
 size. Token selection stays on the device; the host replays the graph and looks at the
-all-finished flag once per chunk of steps, one chunk behind, so no step waits for the host.
-`fast_decode` is what `liteasr.decoding.decode` calls for CUDA models.
+all-finished flag once per chunk of steps, one chunk behind, so no step waits for the host. The
+token rules are liteasr.decoding's `select_tokens`, the same code the eager reference runs.
+
+`CudaRuntime` owns all of it for one model: the caller builds it explicitly and passes it wherever a
+model is taken (`liteasr.transcribe(runtime, …)`); it holds no global state, so a server can keep one
+per model and GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import os
 import warnings
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .model import Attention, AudioEncoder, KVCache, LowRankLinear, TextDecoder, Whisper
+from ..decoding import (DecodingOptions, DecodingResult, GreedyState, RuleTensors, TokenRules, decode,
+                        decode_features, select_tokens)
+from ..model import Attention, AudioEncoder, KVCache, LowRankLinear, TextDecoder, Whisper
+from .kernels import lowrank_attention_wins
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -91,15 +97,6 @@ def _device(m: nn.Module) -> torch.device:
     return next(m.parameters()).device
 
 
-def lowrank_attention_wins(r_k: int, r_v: int, d_h: int) -> bool:
-    """Whether the reduced-rank Triton kernel beats SDPA, by the measured table in
-    docs/gpu-attention-kernel-h200-graph.log (H200, large-v3 heads, T = 1500, CUDA-graph replay): at
-    r_k = r_v = 16 / 32 it took 0.74-0.94× SDPA's time at batch 8 and 32 and tied at batch 1, at 64 / 64 it
-    was 1.0-1.2× slower, at 128 / 128 1.6-1.8× slower. So: r_k + r_v <= d_h (the FLOP cost model alone,
-    r_k + r_v < 2 d_h, is necessary but not sufficient: both paths compute the same T² H exponentials)."""
-    return r_k + r_v <= d_h
-
-
 class FastSelfAttention(nn.Module):
     """Encoder self-attention with fused q/k/v; same math as model.Attention (checked in tests).
 
@@ -155,14 +152,11 @@ def fast_encoder(encoder: AudioEncoder, compile: bool | str = False, allow_lowra
     """A copy of `encoder` that shares its weights, with FastSelfAttention in every layer; `encoder` is unchanged.
 
     compile: False, True (torch.compile's default mode) or a torch.compile mode name, e.g.
-    "max-autotune-no-cudagraphs"; each layer is compiled (layers with the same ranks share one compiled graph)."""
+    "max-autotune-no-cudagraphs"; each layer is compiled (layers with the same ranks share one compiled graph).
+    Every distinct rank combination is its own specialisation of one code object: call the compiled encoder
+    inside `compile_scope()` (EncoderRunner does), which raises dynamo's recompile limit for that call only."""
     enc = _shallow(encoder)
     enc.layers = nn.ModuleList()
-    if compile:
-        import torch._dynamo
-
-        # every layer with a distinct rank combination is its own specialisation
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     mode = compile if isinstance(compile, str) else None
     for layer in encoder.layers:
         new = _shallow(layer)
@@ -174,47 +168,32 @@ def fast_encoder(encoder: AudioEncoder, compile: bool | str = False, allow_lowra
     return enc
 
 
-@torch.no_grad()
-def optimize_encoder(model: Whisper, compile: bool = False) -> Whisper:
-    """Swap the encoder's attention blocks for FastSelfAttention, in place; optionally compile each layer.
-    (Mutates `model`; `fast_encoder` makes a weight-sharing copy instead.)"""
-    for layer in model.encoder.layers:
-        if isinstance(layer.self_attn, Attention):
-            layer.self_attn = FastSelfAttention(layer.self_attn)
-    if compile:
-        import torch._dynamo
+def compile_scope(limit: int = 256):
+    """A context in which torch.compile may specialise one code object `limit` times (a compressed encoder's
+    layers differ in ranks); dynamo's global setting is restored on exit."""
+    import torch._dynamo
 
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        for layer in model.encoder.layers:
-            layer.forward = torch.compile(layer.forward, dynamic=False)
-    return model
+    return torch._dynamo.config.patch(cache_size_limit=max(torch._dynamo.config.cache_size_limit, limit))
 
 
 class EncoderRunner:
     """Encoder calls replayed from one CUDA graph per input shape (captured on first use).
 
-    `module` is an encoder (e.g. `fast_encoder(model.encoder)`) or, as before, a Whisper model (its encoder
-    is used as is). `sdpa_backends` (a list of torch.nn.attention.SDPBackend) pins the attention kernels
-    chosen at capture time."""
+    `encoder` is e.g. `fast_encoder(model.encoder)`; `sdpa_backends` (a list of
+    torch.nn.attention.SDPBackend) pins the attention kernels chosen at capture time."""
 
-    def __init__(self, module: nn.Module, sdpa_backends: list | None = None) -> None:
-        self.encoder = module.encoder if isinstance(module, Whisper) else module
+    def __init__(self, encoder: nn.Module, sdpa_backends: list | None = None) -> None:
+        self.encoder = encoder
         self.sdpa_backends = sdpa_backends
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
 
     def _context(self):
-        import contextlib
-
-        if self.sdpa_backends is None:
-            return contextlib.nullcontext()
-        from torch.nn.attention import sdpa_kernel
-
-        return sdpa_kernel(self.sdpa_backends)
+        return sdpa_context(self.sdpa_backends)
 
     @torch.inference_mode()
     def _capture(self, mel: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
         static_in = mel.clone()
-        with self._context():
+        with self._context(), compile_scope():
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up (and compilation) on a side stream, as capture requires
@@ -244,121 +223,6 @@ class EncoderRunner:
 # greedy decoding
 
 
-NEG_INF = float("-inf")
-
-
-@dataclass(frozen=True)
-class TokenRules:
-    """The token ids greedy decoding needs (Whisper's rules, as in liteasr.decoding).
-
-    suppress: never selected; begin_suppress: not selected as the first token; timestamp_begin: None when the
-    window is decoded without timestamps, else <|0.00|>'s id (then no_timestamps is suppressed, timestamps come
-    in (start, end) pairs that never go back, the first one at most max_initial steps in)."""
-
-    suppress: tuple[int, ...]
-    begin_suppress: tuple[int, ...]
-    eot: int
-    no_timestamps: int
-    timestamp_begin: int | None = None
-    max_initial: int = 50
-
-    @classmethod
-    def from_tokenizer(cls, tok, timestamps: bool, max_initial_timestamp: float = 1.0,
-                       suppress_eot: bool = False) -> "TokenRules":
-        """Rules for a liteasr Tokenizer. suppress_eot (benchmarks) forbids <|endoftext|> at every step, as
-        transformers' min_new_tokens does, so that every window decodes the same number of tokens."""
-        from .tokenizer import TIME_PRECISION
-
-        suppress = tuple(tok.suppress_tokens) + ((tok.eot,) if suppress_eot else ())
-        return cls(suppress, (tok.encode(" ")[0], tok.eot), tok.eot, tok.no_timestamps,
-                   tok.timestamp_begin if timestamps else None, round(max_initial_timestamp / TIME_PRECISION))
-
-
-class GreedyState:
-    """Static per-batch buffers of one greedy decode (fixed addresses, so a captured step can update them).
-
-    tokens (B, 1): the token fed to the next step, at position `offset` (0-dim); step (0-dim): index of the
-    next token to select; history (B, max_steps); done (B,); sum_logprob (B,) float32; for the timestamp
-    rules, per row: last and previous selected token, the latest timestamp token (-1: none) and the count."""
-
-    def __init__(self, batch: int, max_steps: int, device: torch.device) -> None:
-        kw = dict(dtype=torch.long, device=device)
-        self.tokens = torch.zeros(batch, 1, **kw)
-        self.offset = torch.zeros((), **kw)
-        self.step = torch.zeros((), **kw)
-        self.history = torch.zeros(batch, max_steps, **kw)
-        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.sum_logprob = torch.zeros(batch, dtype=torch.float32, device=device)
-        self.last = torch.full((batch,), -1, **kw)
-        self.prev = torch.full((batch,), -1, **kw)
-        self.last_stamp = torch.full((batch,), -1, **kw)
-        self.n_gen = torch.zeros(batch, **kw)
-
-    def reset(self, prompt_len: int) -> None:
-        self.offset.fill_(prompt_len - 1)  # select() advances it to the first generated token's position
-        self.step.zero_()
-        self.done.zero_()
-        self.sum_logprob.zero_()
-        for t in (self.last, self.prev, self.last_stamp):
-            t.fill_(-1)
-        self.n_gen.zero_()
-
-
-class _RuleTensors:
-    """TokenRules as device tensors: index lists, the (V,) column index and scalars."""
-
-    def __init__(self, rules: TokenRules, vocab: int, device: torch.device) -> None:
-        self.rules = rules
-        self.suppress = torch.tensor(rules.suppress, dtype=torch.long, device=device)
-        self.begin_suppress = torch.tensor(rules.begin_suppress, dtype=torch.long, device=device)
-        self.col = torch.arange(vocab, device=device)  # (V,)
-
-
-def select_tokens(logits: Tensor, st: GreedyState, r: _RuleTensors, first: bool) -> Tensor:
-    """One greedy step on the device, the same arithmetic as liteasr.decoding.decode: mask `logits` (B, V) float32
-    in place by the rules, take the argmax, add its log-probability for rows not yet finished, record it in
-    st.history[:, st.step], advance the rule state of unfinished rows, mark rows that chose <|endoftext|>, and
-    feed the choice back as st.tokens at position st.offset + 1. No host synchronisation. Returns (B,) tokens."""
-    rules = r.rules
-    logits.index_fill_(1, r.suppress, NEG_INF)
-    if first:
-        logits.index_fill_(1, r.begin_suppress, NEG_INF)
-    ts0 = rules.timestamp_begin
-    if ts0 is not None:
-        col = r.col[None, :]  # (1, V)
-        logits[:, rules.no_timestamps] = NEG_INF
-        if first:  # a window starts with a timestamp, no later than max_initial
-            logits.masked_fill_((col < ts0) | (col > ts0 + rules.max_initial), NEG_INF)
-        else:
-            last_ts = (st.n_gen >= 1) & (st.last >= ts0)  # (B,)
-            pen_ts = (st.n_gen < 2) | (st.prev >= ts0)
-            closed, open_ = (last_ts & pen_ts)[:, None], (last_ts & ~pen_ts)[:, None]
-            # never go back in time; an end may equal its own start
-            floor = torch.where(last_ts & ~pen_ts, st.last_stamp, st.last_stamp + 1)[:, None]
-            back = (st.last_stamp >= 0)[:, None] & (col >= ts0) & (col < floor)
-            logits.masked_fill_((closed & (col >= ts0)) | (open_ & (col < rules.eot)) | back, NEG_INF)
-            # when the timestamps together are likelier than any single text token, emit a timestamp
-            logprobs = logits.log_softmax(-1)
-            ts_mass = logprobs[:, ts0:].logsumexp(-1)
-            text_best = logprobs[:, :ts0].max(-1).values
-            logits.masked_fill_((ts_mass > text_best)[:, None] & (col < ts0), NEG_INF)
-    nxt = logits.argmax(-1)  # (B,)
-    logprob = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
-    alive = ~st.done
-    st.sum_logprob.add_(torch.where(alive, logprob, 0.0))
-    st.history.index_copy_(1, st.step.view(1), nxt[:, None])
-    if ts0 is not None:
-        st.prev.copy_(torch.where(alive, st.last, st.prev))
-        st.last_stamp.copy_(torch.where(alive & (nxt >= ts0), nxt, st.last_stamp))
-    st.last.copy_(torch.where(alive, nxt, st.last))
-    st.n_gen.add_(alive.long())
-    st.done.logical_or_(nxt == rules.eot)
-    st.tokens.copy_(nxt[:, None])
-    st.offset.add_(1)
-    st.step.add_(1)
-    return nxt
-
-
 class DecoderRunner:
     """Greedy decoding with one decode step per (batch size, rules) captured in a CUDA graph.
 
@@ -374,8 +238,8 @@ class DecoderRunner:
         self.n_ctx = decoder.embed_positions.num_embeddings
         self.caches: dict[int, KVCache] = {}
         self.states: dict[int, GreedyState] = {}
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, _RuleTensors]] = {}
-        self.rule_tensors: dict[tuple, _RuleTensors] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, RuleTensors]] = {}
+        self.rule_tensors: dict[tuple, RuleTensors] = {}
         self.pool = None
 
     # static buffers ---------------------------------------------------------------------------
@@ -417,18 +281,18 @@ class DecoderRunner:
             self.states[batch] = GreedyState(batch, self.n_ctx, device)
         return self.states[batch]
 
-    def _rules(self, rules: TokenRules, device: torch.device) -> _RuleTensors:
+    def _rules(self, rules: TokenRules, device: torch.device) -> RuleTensors:
         key = (rules, str(device))
         if key not in self.rule_tensors:
-            self.rule_tensors[key] = _RuleTensors(rules, self.decoder.embed_tokens.num_embeddings, device)
+            self.rule_tensors[key] = RuleTensors(rules, self.decoder.embed_tokens.num_embeddings, device)
         return self.rule_tensors[key]
 
     # the step ---------------------------------------------------------------------------------
-    def _step(self, cache: KVCache, st: GreedyState, r: _RuleTensors) -> None:
+    def _step(self, cache: KVCache, st: GreedyState, r: RuleTensors) -> None:
         logits = self.decoder(st.tokens, cache, st.offset)[:, -1]  # (B, V) float32; Tensor offset: static shapes
         select_tokens(logits, st, r, first=False)
 
-    def _graph(self, cache: KVCache, st: GreedyState, r: _RuleTensors) -> torch.cuda.CUDAGraph:
+    def _graph(self, cache: KVCache, st: GreedyState, r: RuleTensors) -> torch.cuda.CUDAGraph:
         b = st.tokens.shape[0]
         key = (b, r.rules)
         if key not in self.graphs:
@@ -499,100 +363,124 @@ class DecoderRunner:
                 else:
                     pending = (st.done.all(), None)
             # the extra chunk (at most check_every steps) after everyone finished only writes ignored history
-        history = st.history[:, :steps].tolist()
-        eot = rules.eot
-        tokens = [row[: row.index(eot) + 1] if eot in row else row for row in history]
-        return tokens, st.sum_logprob.tolist()
+        return st.tokens_per_row(rules.eot), st.sum_logprob.tolist()
+
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# the runtime of one model
+
+
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a CudaRuntime runs its model."""
+
+    compile: bool | str = False  # torch.compile the encoder layers: False, True or a mode name
+    graphs: bool = True  # replay the encoder and the decode step from CUDA graphs (False: the same code, eager)
+    sdpa: str | None = None  # pin the encoder's attention kernel (one of SDPA_BACKENDS); None: PyTorch's choice
+    lowrank_attention: bool = True  # the reduced-rank Triton attention where `lowrank_attention_wins`
+    check_every: int = 8  # decode steps between looks at the all-finished flag
+
+    def __post_init__(self) -> None:
+        if self.sdpa is not None and self.sdpa not in SDPA_BACKENDS:
+            raise ValueError(f"RuntimeOptions.sdpa: unknown attention backend {self.sdpa!r} "
+                             f"(choose from {', '.join(SDPA_BACKENDS)})")
+
+
+def sdpa_context(backends: list | None):
+    """A context pinning SDPA to `backends` (torch.nn.attention.SDPBackend list), or a no-op for None."""
+    if backends is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(backends)
+
+
+def _sdpa_backends(name: str | None) -> list | None:
+    if name is None:
+        return None
+    from torch.nn.attention import SDPBackend
+
+    return [{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]]
 
 
 class CudaRuntime:
-    """The fast path of one model: `fast_encoder` + `EncoderRunner`, and `DecoderRunner`.
+    """The fast path of one model: `fast_encoder` + `EncoderRunner`, and `DecoderRunner`; use it wherever a
+    model is taken (`transcribe(runtime, …)`, `runtime.decode(mel, …)`).
 
-    Weight-sharing copies of the model's modules, so build a new one after changing the model's modules;
-    `runtime_for` does that automatically when parameters are replaced or modified in place."""
+    It shares the model's weights (build a new one after changing the model's modules) and owns every buffer
+    and graph it captures: nothing global, so a long-lived server can hold one per model and GPU. If capturing
+    or compiling fails at a call, it warns (RuntimeWarning naming the error) and decodes with the eager
+    reference instead, for that call and every later one (`self.failure` says why)."""
 
-    def __init__(self, model: Whisper, compile: bool | str = False, use_graphs: bool = True,
-                 sdpa_backends: list | None = None) -> None:
-        self.encoder = fast_encoder(model.encoder, compile=compile)
-        self.encoder_runner = EncoderRunner(self.encoder, sdpa_backends) if use_graphs else None
-        self.decoder = DecoderRunner(model.decoder, use_graphs=use_graphs)
-        self.signature = _signature(model)
+    def __init__(self, model: Whisper, options: RuntimeOptions = RuntimeOptions()) -> None:
+        self.model = model
+        self.options = options
+        self.encoder = fast_encoder(model.encoder, compile=options.compile, allow_lowrank=options.lowrank_attention)
+        backends = _sdpa_backends(options.sdpa)
+        self.encoder_runner = EncoderRunner(self.encoder, backends) if options.graphs else None
+        self.sdpa_backends = backends
+        self.decoder = DecoderRunner(model.decoder, use_graphs=options.graphs, check_every=options.check_every)
+        self.failure: str | None = None
+
+    # what transcribe needs of a model
+    @property
+    def dims(self):
+        return self.model.dims
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def is_multilingual(self) -> bool:
+        return self.model.is_multilingual
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def encode(self, mel: Tensor) -> Tensor:
         """mel (B, n_mels, 3000) -> audio features (B, 1500, d); from a graph's static buffer when graphs are on."""
         if self.encoder_runner is not None:
             return self.encoder_runner(mel)
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_context(self.sdpa_backends), compile_scope():
             return self.encoder(mel)
 
+    @torch.inference_mode()
+    def decode_fast(self, mel: Tensor, options: DecodingOptions = DecodingOptions(),
+                    languages: list[str | None] | None = None) -> list[DecodingResult]:
+        """liteasr.decoding.decode's steps with the fast encoder and the graph-captured decode step (raises on a
+        capture or compile failure; `decode` falls back instead)."""
+        mel = mel.to(next(self.model.parameters()).dtype)
+        audio_features = self.encode(mel)  # (B, 1500, d)
+        cache = self.decoder.cache(audio_features)
 
-def _signature(model: Whisper) -> tuple:
-    # identity, storage and in-place version of every parameter: a changed module or weight makes it differ
-    # (parameters made under inference_mode have no version counter: they cannot be modified in place anyway)
-    return tuple((id(p), p.data_ptr(), 0 if p.is_inference() else p._version) for p in model.parameters())
+        def loop(prompt_logits: Tensor, prompt_len: int, rules: TokenRules, max_new: int):
+            return self.decoder.greedy(cache, prompt_logits, prompt_len, rules, max_new)
 
+        return decode_features(self.model, audio_features, cache, options, languages, loop)
 
-_RUNTIMES: "weakref.WeakKeyDictionary[Whisper, CudaRuntime]" = weakref.WeakKeyDictionary()
-_FAILED: "weakref.WeakKeyDictionary[Whisper, str]" = weakref.WeakKeyDictionary()
+    def decode(self, mel: Tensor, options: DecodingOptions = DecodingOptions(),
+               languages: list[str | None] | None = None) -> list[DecodingResult]:
+        """Greedy-decode windows mel (B, n_mels, 3000): the same results as liteasr.decoding.decode (the fused
+        encoder's output differs from the reference in rounding only)."""
+        if self.failure is None:
+            try:
+                return self.decode_fast(mel, options, languages)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # capture or compile failures
+                self.failure = f"{type(e).__name__}: {e}"
+        warnings.warn(f"liteasr: the CUDA fast path failed ({self.failure}); decoding with the eager reference "
+                      "instead (much slower)", RuntimeWarning, stacklevel=2)
+        return decode(self.model, mel, options, languages)
 
+    def transcribe(self, audio, **options):
+        """`liteasr.transcribe.transcribe` through this runtime."""
+        from ..transcribe import transcribe
 
-def runtime_for(model: Whisper) -> CudaRuntime:
-    """The model's cached CudaRuntime, rebuilt when its parameters changed. LITEASR_COMPILE=1 (or a torch.compile
-    mode name) compiles the encoder layers when the runtime is built."""
-    rt = _RUNTIMES.get(model)
-    if rt is None or rt.signature != _signature(model):
-        flag = os.environ.get("LITEASR_COMPILE", "")
-        compile: bool | str = flag if flag not in ("", "0", "1") else flag == "1"
-        rt = _RUNTIMES[model] = CudaRuntime(model, compile=compile)
-    return rt
-
-
-def fast_path_disabled() -> str | None:
-    """Why decode should not take the CUDA fast path: LITEASR_RUNTIME=eager asks for the reference."""
-    if os.environ.get("LITEASR_RUNTIME", "").lower() == "eager":
-        return "LITEASR_RUNTIME=eager"
-    return None
-
-
-@torch.inference_mode()
-def fast_decode(model: Whisper, mel: Tensor, options, languages: list[str] | None = None):
-    """liteasr.decoding.decode on a CUDA model through CudaRuntime: same arguments, same results (the encoder
-    output of the fused layers differs from the reference in rounding only). If building or capturing fails
-    it warns (RuntimeWarning naming the error) and returns the reference decode's result; the failure is
-    remembered for this model, and the warning repeats on each call."""
-    from . import decoding
-
-    reason = _FAILED.get(model)
-    if reason is None:
-        try:
-            return _fast_decode(model, mel, options, languages)
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # capture or compile failures
-            reason = _FAILED[model] = f"{type(e).__name__}: {e}"
-            _RUNTIMES.pop(model, None)
-    warnings.warn(f"liteasr: the CUDA fast path failed ({reason}); decoding with the eager reference instead "
-                  "(much slower). Set LITEASR_RUNTIME=eager to choose that path explicitly.", RuntimeWarning,
-                  stacklevel=3)
-    return decoding.decode_reference(model, mel, options, languages)
-
-
-@torch.inference_mode()
-def _fast_decode(model: Whisper, mel: Tensor, options, languages: list[str] | None,
-                 rt: CudaRuntime | None = None):
-    """decode_reference's steps with rt's encoder and DecoderRunner (rt: the model's cached runtime by default;
-    tests pass CudaRuntime(model, use_graphs=False) to run the same code on CPU)."""
-    from .decoding import _no_speech_prob, _result, detect_language, prompt_batch
-
-    tok = model.tokenizer
-    rt = rt or runtime_for(model)
-    mel = mel.to(next(model.parameters()).dtype)
-    audio_features = rt.encode(mel)  # (B, 1500, d)
-    cache = rt.decoder.cache(audio_features)
-    languages, prompts, max_new = prompt_batch(model, options, languages, mel.shape[0],
-                                               lambda: detect_language(model, audio_features, cache)[0])
-    tokens = torch.tensor(prompts, device=mel.device)  # (B, P)
-    logits = model.decoder(tokens, cache)  # (B, P, V) float32, eager: the prompt runs once
-    no_speech_prob = _no_speech_prob(logits[:, 0], tok)
-    rules = TokenRules.from_tokenizer(tok, options.timestamps, options.max_initial_timestamp)
-    generated, sum_logprob = rt.decoder.greedy(cache, logits[:, -1], tokens.shape[1], rules, max_new)
-    return [_result(g, lang, lp, nsp, tok) for g, lang, lp, nsp in
-            zip(generated, languages, sum_logprob, no_speech_prob.tolist())]
+        return transcribe(self, audio, **options)
