@@ -63,6 +63,83 @@ def _backend(args, name: str):
     return model
 
 
+def _str2bool(text: str) -> bool:
+    values = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return values[text.lower()]
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _decoding_args(p: argparse.ArgumentParser) -> None:
+    """openai-whisper's decoding flags and defaults (its CLI: beam search of 5, 5 samples per fallback)."""
+    g = p.add_argument_group("decoding (openai-whisper's flags)")
+    g.add_argument("--temperature", type=float, default=0.0, help="temperature of the first decoding (default 0)")
+    g.add_argument("--temperature-increment-on-fallback", type=_optional_float, default=0.2,
+                   help="re-decode a failing window at temperature + k × this, up to 1.0; None: no fallback")
+    g.add_argument("--best-of", type=int, default=5, help="samples per window when sampling (temperature > 0)")
+    g.add_argument("--beam-size", type=int, default=5, help="beams at temperature 0; 0: greedy (default 5)")
+    g.add_argument("--patience", type=float, default=None, help="beam-search patience (default 1)")
+    g.add_argument("--length-penalty", type=float, default=None,
+                   help="alpha of the length penalty ((5 + n) / 6) ** alpha (default: divide by the length)")
+    g.add_argument("--compression-ratio-threshold", type=_optional_float, default=2.4,
+                   help="fall back when the text's gzip compression ratio is above this (None: never)")
+    g.add_argument("--logprob-threshold", type=_optional_float, default=-1.0,
+                   help="fall back when the average log-probability is below this (None: never)")
+    g.add_argument("--no-speech-threshold", type=_optional_float, default=0.6,
+                   help="skip a window as silence when P(no speech) is above this and the log-probability is low")
+    g.add_argument("--initial-prompt", default=None, help="text prompting the first window (names, spelling, style)")
+    g.add_argument("--carry-initial-prompt", type=_str2bool, default=False,
+                   help="prompt every window with --initial-prompt (hotwords)")
+    g.add_argument("--condition-on-previous-text", type=_str2bool, default=True,
+                   help="prompt each window with the text before it (False: windows are independent)")
+    g.add_argument("--prefix", default=None, help="text forced at the start of every window")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling at temperature > 0")
+    g.add_argument("--word-timestamps", type=_str2bool, default=False,
+                   help="time every word (cross-attention + DTW) and add them to the segments")
+    g.add_argument("--prepend-punctuations", default="\"'“¿([{-",
+                   help="with --word-timestamps: merge these into the following word")
+    g.add_argument("--append-punctuations", default="\"'.。,，!！?？:：”)]}、",
+                   help="with --word-timestamps: merge these into the preceding word")
+    g.add_argument("--max-line-width", type=int, default=None,
+                   help="srt/vtt, with --word-timestamps: characters per line before a line break")
+    g.add_argument("--max-line-count", type=int, default=None,
+                   help="srt/vtt, with --word-timestamps: lines per cue")
+    g.add_argument("--max-words-per-line", type=int, default=None,
+                   help="srt/vtt, with --word-timestamps: words per line (ignored with --max-line-width)")
+    g.add_argument("--highlight-words", type=_str2bool, default=False,
+                   help="srt/vtt, with --word-timestamps: underline each word as it is spoken")
+
+
+def _decoding_options(args) -> dict:
+    """The TranscribeOptions fields of the decoding flags, one to one (the schedule from openai-whisper's two
+    temperature flags)."""
+    from .transcribe import temperature_schedule
+
+    return dict(temperature=temperature_schedule(args.temperature, args.temperature_increment_on_fallback),
+                best_of=args.best_of, beam_size=args.beam_size or None,
+                patience=args.patience, length_penalty=args.length_penalty,
+                compression_ratio_threshold=args.compression_ratio_threshold,
+                logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
+                initial_prompt=args.initial_prompt, carry_initial_prompt=args.carry_initial_prompt,
+                condition_on_previous_text=args.condition_on_previous_text, prefix=args.prefix, seed=args.seed,
+                word_timestamps=args.word_timestamps, prepend_punctuations=args.prepend_punctuations,
+                append_punctuations=args.append_punctuations)
+
+
+def _subtitle_options(args):
+    from .transcribe import SubtitleOptions
+
+    for flag in ("max_line_width", "max_line_count", "max_words_per_line", "highlight_words"):
+        if getattr(args, flag) and not args.word_timestamps:
+            raise ValueError(f"--{flag.replace('_', '-')} needs --word-timestamps True")
+    return SubtitleOptions(max_line_width=args.max_line_width, max_line_count=args.max_line_count,
+                           highlight_words=args.highlight_words, max_words_per_line=args.max_words_per_line)
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -74,9 +151,10 @@ def cmd_transcribe(args) -> None:
         raise ValueError(f"-f {args.output_format} of {len(args.files)} file(s) to stdout would mix them: "
                          "pass --output-dir (or -f txt)")
     timestamps = True if args.timestamps or any(f in ("srt", "vtt") for f in formats) else None
+    subtitles = _subtitle_options(args)
     model = _backend(args, args.model)
     options = TranscribeOptions(language=args.language, task=args.task, batch_size=args.batch_size,
-                                timestamps=timestamps, progress=not args.no_progress)
+                                timestamps=timestamps, progress=not args.no_progress, **_decoding_options(args))
     failed: list[str] = []
     for i, result in transcribe_iter(model, list(args.files), options):
         file = args.files[i]
@@ -88,9 +166,9 @@ def cmd_transcribe(args) -> None:
             continue
         if args.output_dir:  # each input's outputs written (atomically) as soon as it is finished
             for fmt in formats:
-                write_result(result, Path(args.output_dir) / f"{Path(file).stem}.{fmt}")
+                write_result(result, Path(args.output_dir) / f"{Path(file).stem}.{fmt}", subtitles)
         # with --output-dir the text is echoed (as openai-whisper's CLI does); without, the chosen format
-        text = (result["text"] if args.output_dir else render(result, formats[0])).rstrip("\n")
+        text = (result["text"] if args.output_dir else render(result, formats[0], subtitles)).rstrip("\n")
         print(f"{file}: {text}" if len(args.files) > 1 else text, flush=True)
     if failed:
         if len(args.files) > 1:
@@ -258,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default="continue", choices=["continue", "fail"],
                    help="continue: transcribe every readable input, list the failed ones at the end and exit 1; "
                    "fail: stop at the first bad input")
+    _decoding_args(p)
     _runtime_args(p)
     p.set_defaults(func=cmd_transcribe)
 
