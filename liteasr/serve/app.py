@@ -142,7 +142,7 @@ async def _audio(request: Request, server: Server, task: str) -> Response:
     t0 = time.monotonic()
     req, fields_ = await _admit(request, server, task)
     if fields_.stream:
-        return StreamingResponse(_stream(req, server, request.url.path, t0), media_type="text/event-stream")
+        return StreamingResponse(_stream(request, req, server, t0), media_type="text/event-stream")
     try:
         result = await _wait(request, req, server.options.request_timeout_s)
     except _ClientGone:
@@ -201,8 +201,9 @@ def _decode_upload(data: bytes, filename: str) -> np.ndarray:
         Path(tmp).unlink(missing_ok=True)
 
 
-async def _wait(request: Request, req, timeout: float) -> dict:
-    """The result of `req`; cancels it when the client disconnects (_ClientGone) or the timeout passes (504)."""
+async def _events(request: Request, req, timeout: float):
+    """The request's events ("segments", [...]) and ("done", result) as they come; an ("error", e) event is raised
+    as an APIError. Cancels the request when the client disconnects (_ClientGone) or the timeout passes (504)."""
     deadline = time.monotonic() + timeout
     gone = asyncio.ensure_future(_disconnect(request))
     try:
@@ -212,11 +213,12 @@ async def _wait(request: Request, req, timeout: float) -> dict:
                                          return_when=asyncio.FIRST_COMPLETED)
             if get in done:
                 kind, payload = get.result()
-                if kind == "done":
-                    return payload
                 if kind == "error":
                     raise _decode_error(payload)
-                continue  # segments: a non-streaming request only wants the end
+                yield kind, payload
+                if kind == "done":
+                    return
+                continue
             get.cancel()
             req.cancel()
             if gone in done:
@@ -225,6 +227,16 @@ async def _wait(request: Request, req, timeout: float) -> dict:
                            type="timeout_error", code="request_timeout")
     finally:
         gone.cancel()
+        req.cancel()  # no-op for a finished request; drops the pending windows of an abandoned one
+
+
+async def _wait(request: Request, req, timeout: float) -> dict:
+    """The result of `req` (raises like `_events`)."""
+    async with contextlib.aclosing(_events(request, req, timeout)) as events:
+        async for kind, payload in events:
+            if kind == "done":
+                return payload
+    raise RuntimeError("the scheduler ended a request without a result")
 
 
 async def _disconnect(request: Request) -> None:
@@ -233,38 +245,29 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
-async def _stream(req, server: Server, endpoint: str, t0: float):
+async def _stream(request: Request, req, server: Server, t0: float):
     """transcript.text.delta events as windows finish, then transcript.text.done (or an error event)."""
-    deadline = t0 + server.options.request_timeout_s
+    endpoint = request.url.path
     first = True
+    events = _events(request, req, server.options.request_timeout_s - (time.monotonic() - t0))
     try:
-        while True:
-            try:
-                kind, payload = await asyncio.wait_for(req.events.get(), max(deadline - time.monotonic(), 0))
-            except asyncio.TimeoutError:
-                err = APIError(504, "the request did not finish within the request timeout", type="timeout_error",
-                               code="request_timeout")
-                server.metrics.errors.labels(err.type, err.code).inc()
-                yield sse(err.body())
-                return
-            if kind == "segments":
-                text = " ".join(seg["text"] for seg in payload if seg["text"])
-                if text:  # joined as Job.result joins segments, so the deltas add up to the final text
-                    yield sse(delta_event(text if first else " " + text))
-                    first = False
-            elif kind == "done":
-                server.metrics.audio_seconds.labels(req.model).inc(payload["duration"])
-                server.metrics.requests.labels(endpoint, req.model, "200").inc()
-                server.metrics.latency.labels(endpoint).observe(time.monotonic() - t0)
-                yield sse(done_event(payload))
-                return
-            else:
-                err = _decode_error(payload)
-                server.metrics.errors.labels(err.type, str(err.code)).inc()
-                yield sse(err.body())
-                return
-    finally:
-        req.cancel()  # a disconnect mid-stream closes this generator: drop the request's pending windows
+        async with contextlib.aclosing(events):
+            async for kind, payload in events:
+                if kind == "segments":
+                    text = " ".join(seg["text"] for seg in payload if seg["text"])
+                    if text:  # joined as Job.result joins segments, so the deltas add up to the final text
+                        yield sse(delta_event(text if first else " " + text))
+                        first = False
+                else:
+                    server.metrics.audio_seconds.labels(req.model).inc(payload["duration"])
+                    server.metrics.requests.labels(endpoint, req.model, "200").inc()
+                    server.metrics.latency.labels(endpoint).observe(time.monotonic() - t0)
+                    yield sse(done_event(payload))
+    except APIError as e:  # the status line is sent already: the error goes in the stream, as OpenAI does
+        server.metrics.errors.labels(e.type, str(e.code)).inc()
+        yield sse(e.body())
+    except _ClientGone:
+        server.metrics.errors.labels("client_closed", "client_closed").inc()
 
 
 def _decode_error(e: Exception) -> APIError:

@@ -51,17 +51,22 @@ class AudioRequest:
         """The TranscribeOptions this request decodes with. srt, vtt and verbose_json need timestamped segments,
         as `liteasr transcribe -f srt` decodes them; json and text decode as `liteasr transcribe` does."""
         timestamps = True if self.response_format in ("srt", "vtt", "verbose_json") else None
-        extra = {"initial_prompt": self.prompt, "temperature": self.temperature,
-                 "word_timestamps": "word" in self.granularities}
+        # Only what the request sets is passed: an absent or zero temperature keeps the library's default
+        # (OpenAI's 0 means "raise the temperature when decoding fails", which is what a fallback chain does).
+        extra = {}
+        if self.prompt:
+            extra["initial_prompt"] = self.prompt
+        if self.temperature > 0:
+            extra["temperature"] = self.temperature
+        if "word" in self.granularities:
+            extra["word_timestamps"] = True
         supported = {f.name for f in fields(TranscribeOptions)}
-        # Options the decoder of this build knows pass through unchanged; the others must be at their defaults.
-        for name, value in extra.items():
-            if name not in supported and value not in (None, 0.0, False):
+        for name in extra:  # options the decoder of this build does not know are refused, not ignored
+            if name not in supported:
                 param = {"initial_prompt": "prompt", "word_timestamps": "timestamp_granularities[]"}.get(name, name)
                 raise bad_field(param, f"{param}: not supported by this liteasr build (greedy decoding only)",
                                 "unsupported_value")
-        passed = {k: v for k, v in extra.items() if k in supported}
-        return TranscribeOptions(language=self.language, task=self.task, timestamps=timestamps, **passed)
+        return TranscribeOptions(language=self.language, task=self.task, timestamps=timestamps, **extra)
 
 
 def parse_fields(form, task: str) -> AudioRequest:

@@ -144,11 +144,11 @@ class Scheduler:
             self._admitted -= 1
 
     def submit(self, model: str, audio: np.ndarray, options: TranscribeOptions, name: str) -> Request:
-        """Queue a reserved request; its events arrive on `request.events` in the calling loop."""
+        """Queue a reserved request (its slot now belongs to the scheduler); its events arrive on
+        `request.events` in the calling loop."""
         req = Request(next(self._ids), model, audio, options, name, asyncio.get_running_loop())
         with self._cond:
-            if self._stopping:
-                self._admitted -= 1
+            if self._stopping:  # the caller still holds the slot and releases it
                 raise ShuttingDown("the server is shutting down")
             self._incoming.append(req)
             self._cond.notify()
