@@ -6,14 +6,23 @@ and without batching across requests, next to offline batched `transcribe()` of 
     .venv/bin/python benchmarks/serve_load.py --model base --device cuda --clients 1 8 32 64 --requests 256 \\
         --clips 256 --long-s 600 --max-batch-size 32 --output serve-gpu.json      # on the GPU machine (no network)
 
-For each server mode (batching: --max-batch-size B; --no-batching: B = 1; both by default) the script starts
-`python -m liteasr serve` as a subprocess on a free port, warms it up, then for each client count C runs a
-closed loop: C threads each send a clip (multipart, as the openai client does), wait for the answer, send the next, until
---requests requests are done. The clips are speech-dev clips of at most 30 s (--clips N of them, evenly spaced
-over the sorted list), sent round-robin. With --long-s S, one extra client sends a file of S seconds made by
-concatenating clips, once, at the start of each client count ("mix" rows): its latency is reported separately
-and the short clips' latencies show what it costs them. Every answer's text is checked against the offline
-transcription of the same clip (counted as a mismatch otherwise).
+For each server mode (--modes: "batching" serves with --max-batch-size B, "no-batching" with B = 1, i.e.
+`liteasr serve --max-batch-size 1`; both by default) the script starts `python -m liteasr serve` as a subprocess
+on a free port, warms it up, then for each client count C runs a closed loop: C threads each send a clip
+(multipart, as the openai client does), wait for the answer, send the next, until --requests requests are done.
+The clips are speech-dev clips of at most 30 s (--clips N of them, evenly spaced over the sorted list), sent
+round-robin. With --long-s S, one extra client sends a file of S seconds made by concatenating clips, once, at
+the start of each client count ("long-file" column): its latency is reported separately and the short clips'
+latencies show what it costs them. Every answer's text is checked against the offline transcription of the same
+clip (a "mismatch" otherwise).
+
+On the GPU machine (no network, no ../shared, no fastapi/uvicorn/soundfile): `prepare` here writes a bundle
+(the chosen clips as FLAC files + manifest, the model saved in float16 with its weights file cut into byte
+ranges of at most --split-mib MiB, since one call carries 64 MiB); the wheels of the serve extra and soundfile
+travel in .whl (see docs/serving.md for the exact calls):
+
+    .venv/bin/python benchmarks/serve_load.py prepare --model base --clips 128 --out .gpu/serve --split-mib 40
+    python3 benchmarks/serve_load.py --bundle .gpu/serve --parts-dir .gpu/p1 --device cuda ...
 
 Offline: `transcribe(model, all clips, batch_size=B)` in this process, after the servers are gone, with the
 same torch thread count (--threads; the server gets it through OMP_NUM_THREADS). RTFx = audio s / wall s.
@@ -81,7 +90,8 @@ class ServerProcess:
                "--port", str(self.port), "--max-batch-size", str(max_batch_size), "--max-wait-ms",
                str(args.max_wait_ms), "--max-queue", str(4 * max(args.clients) + 8), "--log-level", "warning",
                "--request-timeout-s", "3600"]
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(args.threads)}
         self.proc = subprocess.Popen(cmd, env=env)
         t0 = time.monotonic()
         while True:
@@ -225,7 +235,7 @@ def faster_whisper_sequential(args, clips: list[dict]) -> dict:
 
 def table(result: dict) -> str:
     lines = ["| server | clients | requests | req/s | audio-s/s | p50 s | p95 s | p99 s | mean batch | long-file s |"
-             " errors | mismatches |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             " errors | mismatches |", "| --- " + "| ---: " * 11 + "|"]
     for mode, rows in result["load"].items():
         for r in rows:
             long = f"{r['long_latency_s']:.1f} ({r['long_s']:.0f} s)" if r["long_latency_s"] else "-"
@@ -242,7 +252,57 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def prepare(argv: list[str]) -> None:
+    """Write the GPU bundle: manifest.jsonl + audio/ (the clips), model/ (float16, weights cut into partN/)."""
+    import shutil
+
+    import torch
+
+    import liteasr
+    from cuda_real_weights import sha256  # benchmarks/cuda_real_weights.py: the same bundle convention
+
+    p = argparse.ArgumentParser(prog="serve_load.py prepare")
+    p.add_argument("--model", default="tiny.en")
+    p.add_argument("--manifest", type=Path, default=SPEECH_DEV)
+    p.add_argument("--clips", type=int, default=128)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--split-mib", type=int, default=40)
+    args = p.parse_args(argv)
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    (args.out / "audio").mkdir(parents=True)
+    clips = pick_clips(args.manifest, args.clips)
+    for c in clips:
+        shutil.copy(c["path"], args.out / "audio" / Path(c["path"]).name)
+        c["audio"] = f"audio/{Path(c['path']).name}"
+    lines = [json.dumps({k: c[k] for k in ("id", "audio", "text", "duration_s")}) for c in clips]
+    (args.out / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    liteasr.save(liteasr.load_model(args.model, "cpu", torch.float32), args.out / "model", dtype=torch.float16)
+    weights = args.out / "model" / "model.safetensors"
+    digest, data, size = sha256(weights), weights.read_bytes(), args.split_mib << 20
+    for i in range(0, len(data), size):
+        part = args.out / f"part{i // size + 1}"
+        part.mkdir()
+        (part / f"model.safetensors.part{i // size + 1}").write_bytes(data[i: i + size])
+    weights.unlink()
+    (args.out / "bundle.json").write_text(json.dumps({"model": args.model, "model_sha256": digest}) + "\n")
+    print(f"bundle in {args.out}: {len(clips)} clips, {len(range(0, len(data), size))} weight parts; carry each "
+          f"partN in its own call (64 MiB per call), the rest with the last")
+
+
+def open_bundle(bundle: Path, parts_dirs: list[Path]) -> tuple[str, Path]:
+    """(model directory, manifest) of a bundle, its weights joined from the partN/ folders found in `bundle`
+    and `parts_dirs` (left on the machine by earlier calls) and checked against the recorded SHA-256."""
+    from cuda_real_weights import _join_parts
+
+    meta = json.loads((bundle / "bundle.json").read_text())
+    _join_parts(bundle, [bundle, *parts_dirs], meta["model_sha256"])
+    return str(bundle / "model"), bundle / "manifest.jsonl"
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["prepare"]:
+        return prepare(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny.en")
     p.add_argument("--device", default="cpu")
@@ -257,7 +317,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of server and offline run")
     p.add_argument("--faster-whisper", action="store_true", help="also time faster-whisper, one clip at a time")
     p.add_argument("--output", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--bundle", type=Path, default=None, help="a `prepare` bundle: its model and clips")
+    p.add_argument("--parts-dir", type=Path, nargs="*", default=[], help="more folders holding bundle partN/")
     args = p.parse_args()
+    if args.bundle:
+        args.model, args.manifest = open_bundle(args.bundle, args.parts_dir)
 
     clips = pick_clips(args.manifest, args.clips)
     off, expected = offline(args, clips, args.max_batch_size)

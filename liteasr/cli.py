@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible speech-to-text server batching windows across requests")
+    p = sub.add_parser("serve", help="OpenAI-compatible speech-to-text server, batching windows across requests")
     p.add_argument("--model", "-m", action="append", required=True,
                    help="model to serve (name, directory or hub id); repeat to serve several, chosen by the "
                    "request's `model` (the first also answers to whisper-1)")

@@ -31,6 +31,7 @@ from .metrics import ServerMetrics
 from .protocol import APIError, AudioRequest, bad_field, check_language, delta_event, done_event, parse_fields, \
     response_body, sse
 from .scheduler import BatchOptions, QueueFull, Scheduler, ShuttingDown
+from .scheduler import Request as Submitted
 
 ALIAS = "whisper-1"  # OpenAI's model name, answered by the first served model (clients that hard-code it work)
 
@@ -155,7 +156,7 @@ async def _audio(request: Request, server: Server, task: str) -> Response:
     return Response(body, media_type=media)
 
 
-async def _admit(request: Request, server: Server, task: str):
+async def _admit(request: Request, server: Server, task: str) -> tuple[Submitted, AudioRequest]:
     """Take a queue slot, read and check the form and the audio, and submit: (scheduler Request, fields)."""
     try:
         server.scheduler.reserve()
@@ -201,7 +202,7 @@ def _decode_upload(data: bytes, filename: str) -> np.ndarray:
         Path(tmp).unlink(missing_ok=True)
 
 
-async def _events(request: Request, req, timeout: float):
+async def _events(request: Request, req: Submitted, timeout: float):
     """The request's events ("segments", [...]) and ("done", result) as they come; an ("error", e) event is raised
     as an APIError. Cancels the request when the client disconnects (_ClientGone) or the timeout passes (504)."""
     deadline = time.monotonic() + timeout
@@ -230,7 +231,7 @@ async def _events(request: Request, req, timeout: float):
         req.cancel()  # no-op for a finished request; drops the pending windows of an abandoned one
 
 
-async def _wait(request: Request, req, timeout: float) -> dict:
+async def _wait(request: Request, req: Submitted, timeout: float) -> dict:
     """The result of `req` (raises like `_events`)."""
     async with contextlib.aclosing(_events(request, req, timeout)) as events:
         async for kind, payload in events:
@@ -245,7 +246,7 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
-async def _stream(request: Request, req, server: Server, t0: float):
+async def _stream(request: Request, req: Submitted, server: Server, t0: float):
     """transcript.text.delta events as windows finish, then transcript.text.done (or an error event)."""
     endpoint = request.url.path
     first = True
