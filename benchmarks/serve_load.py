@@ -333,7 +333,10 @@ def main() -> None:
         for mode in args.modes:
             server = ServerProcess(args, args.max_batch_size if mode == "batching" else 1)
             try:
-                run_load(server, args.model, clips, 1, 2, expected, None)  # warm-up
+                # warm-up; on CUDA at every client count, so that the runtime captures its graphs for the batch
+                # buckets before timing (CPU has no graphs to capture, and its windows are expensive)
+                for c in (args.clients if args.device.startswith("cuda") else [1]):
+                    run_load(server, args.model, clips, c, max(c, 2), expected, None)
                 rows = []
                 for c in args.clients:
                     rows.append(run_load(server, args.model, clips, c, max(args.requests, c), expected, None))

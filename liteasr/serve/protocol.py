@@ -91,7 +91,7 @@ def parse_fields(form, task: str) -> AudioRequest:
         raise bad_field("stream", f"stream: streams text events; response_format {fmt!r} cannot be streamed "
                         "(use json or text)", "unsupported_value")
     return AudioRequest(model, task, language.lower() if language else None, _text(form, "prompt") or None, fmt,
-                        _temperature(form), granularities or ("segment",), stream)
+                        _temperature(form), granularities, stream)
 
 
 def _text(form, name: str) -> str | None:
@@ -148,8 +148,8 @@ def response_body(result: dict, req: AudioRequest) -> tuple[str, str]:
     if fmt == "verbose_json":
         body = {"task": req.task,
                 "language": result["language"], "duration": result["duration"], "text": result["text"]}
-        if "segment" in req.granularities:
-            body["segments"] = [_segment(i, seg) for i, seg in enumerate(result["segments"])]
+        # segments always (verbose_json's default); words on request, since timing them costs an alignment pass
+        body["segments"] = [_segment(i, seg) for i, seg in enumerate(result["segments"])]
         if "word" in req.granularities:
             body["words"] = [{"word": w["word"], "start": w["start"], "end": w["end"]}
                              for seg in result["segments"] for w in seg.get("words", [])]
