@@ -108,11 +108,11 @@ class Wrapped:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def decode(self, mel, options, languages):
+    def decode(self, mel, options, languages, *rest):  # rest: per-window prompts, where decode takes them
         from liteasr.decoding import decode
 
         self.before(mel)
-        return decode(self.model, mel, options, languages)
+        return decode(self.model, mel, options, languages, *rest)
 
 
 def slow(model, seconds: float) -> Wrapped:
