@@ -86,6 +86,8 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | torch.
         arch, hf_sd, ct2_config = load_ct2(path)
         config = hf_config(Dims(**arch), Tokenizer.from_dir(path, ct2_config.get("suppress_ids")))
         suppress = ct2_config.get("suppress_ids")
+        # CTranslate2 keeps the alignment heads in config.json; in HF layouts they are a generation_config field
+        gen = {"alignment_heads": ct2_config["alignment_heads"]} if ct2_config.get("alignment_heads") else {}
     elif (path / "config.json").is_file():
         config = read_json(path / "config.json")
         hf_sd = _read_safetensors(path)
@@ -100,6 +102,7 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | torch.
     _check_state_dict(model, from_hf_names(hf_sd), path)
     model.load_state_dict({k: v.to(dtype) for k, v in from_hf_names(hf_sd).items()}, assign=True)
     model.config = config
+    model.generation_config = gen  # read by alignment.alignment_heads
     model.tokenizer = Tokenizer.from_dir(_tokenizer_dir(path, dims.vocab_size), suppress)
     return model.to(device).eval()
 
@@ -201,6 +204,9 @@ def generation_config(model: Whisper) -> dict:
            "suppress_tokens": list(tok.suppress_tokens), "begin_suppress_tokens": [tok.encode(" ")[0], tok.eot],
            "no_timestamps_token_id": tok.no_timestamps, "prev_sot_token_id": tok.sot_prev,
            "max_initial_timestamp_index": 50, "return_timestamps": False, "is_multilingual": multilingual}
+    heads = (getattr(model, "generation_config", None) or {}).get("alignment_heads")
+    if heads:  # transformers' word timestamps read them from here
+        gen["alignment_heads"] = [list(h) for h in heads]
     if multilingual:
         gen["lang_to_id"] = {f"<|{code}|>": i for code, i in tok.languages.items()}
         gen["task_to_id"] = {"transcribe": tok.special["<|transcribe|>"], "translate": tok.special["<|translate|>"]}
