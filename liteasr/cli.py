@@ -59,11 +59,59 @@ def _backend(args, name: str):
     return model
 
 
+def _ray_args(p: argparse.ArgumentParser, what: str = "transcriber") -> None:
+    g = p.add_argument_group("Ray (the `ray` extra)")
+    g.add_argument("--ray", action="store_true", help="run on Ray: a local Ray started here, or --address")
+    g.add_argument("--address", default=None, help="an existing Ray cluster (auto, ray://host:10001, …)")
+    g.add_argument("--workers", type=int, default=1, help=f"{what} workers (default 1)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPU threads per worker (default 1)")
+    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker: 1 with --device cuda")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all, at least "
+                   "workers × cpus-per-worker + 2)")
+
+
+def _ray_options(args):
+    from .distributed import RayOptions
+
+    return RayOptions(address=args.address, num_cpus=args.num_cpus, workers=args.workers,
+                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
+
+
+def _model_spec(args, name: str):
+    from .distributed import ModelSpec
+
+    dtype = DTYPES[str(args.dtype).removeprefix("torch.")] if args.dtype else None
+    return ModelSpec(name, device=args.device, dtype=dtype, eager=getattr(args, "eager", False),
+                     compile=getattr(args, "compile", False))
+
+
 # ---------------------------------------------------------------------------------------------------
+
+
+def cmd_transcribe_corpus(args) -> None:
+    from .distributed.corpus import transcribe_corpus
+    from .transcribe import TranscribeOptions
+
+    if args.files or not args.output_dir or not args.ray:
+        raise ValueError("--manifest takes no files and needs --output-dir and --ray")
+    options = TranscribeOptions(language=args.language, task=args.task, batch_size=args.batch_size,
+                                timestamps=True if args.timestamps else None, chunk_s=args.chunk_s)
+    s = transcribe_corpus(_model_spec(args, args.model), args.manifest, args.output_dir, options, _ray_options(args),
+                          progress=not args.no_progress)
+    print(f"{s.total} files: {s.written} transcribed now, {s.skipped} done before, {s.failed} failed; "
+          f"{s.seconds:.1f} s; wrote {s.jsonl} and {s.parquet}")
+    if s.failed:
+        print(f"liteasr: {s.failed} file(s) failed (their rows carry the error)", file=sys.stderr)
+        sys.exit(1)
 
 
 def cmd_transcribe(args) -> None:
     from .transcribe import OUTPUT_FORMATS, TranscribeOptions, render, transcribe_iter, write_result
+
+    if args.manifest or args.ray:
+        return cmd_transcribe_corpus(args)
+    if not args.files:
+        raise ValueError("no input: pass audio files, or --manifest M.jsonl|DIR --output-dir D --ray")
 
     formats = OUTPUT_FORMATS if args.output_format == "all" else (args.output_format,)
     if not args.output_dir and (len(formats) > 1 or (len(args.files) > 1 and formats[0] != "txt")):
@@ -72,7 +120,7 @@ def cmd_transcribe(args) -> None:
     timestamps = True if args.timestamps or any(f in ("srt", "vtt") for f in formats) else None
     model = _backend(args, args.model)
     options = TranscribeOptions(language=args.language, task=args.task, batch_size=args.batch_size,
-                                timestamps=timestamps, progress=not args.no_progress)
+                                timestamps=timestamps, progress=not args.no_progress, chunk_s=args.chunk_s)
     failed: list[str] = []
     for i, result in transcribe_iter(model, list(args.files), options):
         file = args.files[i]
@@ -98,14 +146,33 @@ def cmd_transcribe(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .eval import evaluate, format_table, read_manifest, read_split, write_report
-    from .transcribe import transcribe
+    from .eval import format_table, read_manifest, read_split, write_report
 
     ids = read_split(args.split, key=args.split_key) if args.split else (args.ids.split(",") if args.ids else None)
     exclude = read_split(args.exclude_split, key=args.exclude_key) if args.exclude_split else None
     clips = read_manifest(args.manifest, ids=ids, exclude=exclude)
     if args.limit:
         clips = clips[: args.limit]
+    if args.ray:
+        from .distributed.evaluation import evaluate_ray
+        from .transcribe import TranscribeOptions
+
+        report = evaluate_ray(_model_spec(args, args.model), clips, TranscribeOptions(batch_size=args.batch_size),
+                              _ray_options(args), detect_language=args.detect_language, progress=not args.no_progress)
+    else:
+        report = _evaluate_local(args, clips)
+    report["model"] = str(args.model)
+    report["manifest"] = str(args.manifest)
+    out = Path(args.output or f"eval-{Path(str(args.model)).name}.json")
+    write_report(report, out, out.with_suffix(".md"), title=f"{args.model} on {args.manifest}")
+    print(format_table(report))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def _evaluate_local(args, clips) -> dict:
+    from .eval import evaluate
+    from .transcribe import transcribe
+
     model = _load(args)
 
     def run(batch):
@@ -119,13 +186,7 @@ def cmd_eval(args) -> None:
                 texts[i] = r["text"]
         return texts
 
-    report = evaluate(run, clips, batch_size=args.batch_size, progress=not args.no_progress)
-    report["model"] = str(args.model)
-    report["manifest"] = str(args.manifest)
-    out = Path(args.output or f"eval-{Path(str(args.model)).name}.json")
-    write_report(report, out, out.with_suffix(".md"), title=f"{args.model} on {args.manifest}")
-    print(format_table(report))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return evaluate(run, clips, batch_size=args.batch_size, progress=not args.no_progress)
 
 
 def cmd_compress(args) -> None:
@@ -276,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("transcribe", help="transcribe audio files")
-    p.add_argument("files", nargs="+", help="audio files (anything libsndfile or ffmpeg reads)")
+    p.add_argument("files", nargs="*", help="audio files (anything libsndfile or ffmpeg reads)")
     _model_args(p)
     p.add_argument("--language", default=None, help="force a language code (default: detect, multilingual models)")
     p.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
@@ -288,7 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default="continue", choices=["continue", "fail"],
                    help="continue: transcribe every readable input, list the failed ones at the end and exit 1; "
                    "fail: stop at the first bad input")
+    p.add_argument("--chunk-s", type=float, default=None,
+                   help="split inputs longer than this (seconds, >= 60) at quiet points and transcribe the pieces "
+                   "independently (with --ray: on several workers); the same flag gives the same transcripts "
+                   "with or without --ray")
+    p.add_argument("--manifest", default=None, help="with --ray: a manifest.jsonl (id, audio[, lang]) or a "
+                   "directory of audio files; results go to --output-dir (files/, results.jsonl, .parquet)")
     _runtime_args(p)
+    _ray_args(p)
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("eval", help="WER/CER of a model on a manifest (corpus rates, per domain)")
@@ -304,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detect-language", action="store_true", help="do not force the manifest's language")
     p.add_argument("--output", default=None, help="report JSON path (the markdown table goes beside it)")
     p.add_argument("--no-progress", action="store_true")
+    _ray_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compress", help="LiteASR: calibrate, choose ranks, factor the encoder, save")
