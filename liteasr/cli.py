@@ -210,16 +210,25 @@ def cmd_compress(args) -> None:
     model = _load(args)
     before = encoder_size(model) | {"encoder_flops": encoder_flops(model)}
     t0 = time.perf_counter()
+    calib = None
+    if args.ray:  # the moments of the dense model, summed over workers; compress() then reuses them
+        from .distributed.calibration import calibrate_ray
+
+        if args.sequential:
+            raise ValueError("--ray calibrates the dense model once; --sequential (one pass per compressed layer) "
+                             "runs in one process")
+        calib = calibrate_ray(_model_spec(args, args.model), paths, frames=args.frames, batch_size=args.batch_size,
+                              ray_options=_ray_options(args), ids=ids, progress=not args.no_progress)
     if args.plan_only:
-        calib = calibrate(model, paths, frames=args.frames, batch_size=args.batch_size,
-                          progress=not args.no_progress, ids=ids)
+        calib = calib or calibrate(model, paths, frames=args.frames, batch_size=args.batch_size,
+                                   progress=not args.no_progress, ids=ids)
         plan = make_plan(model, calib, threshold)
         print(rank_table(plan))
         print(f"wrote plan {save_plan(plan, args.plan_only)}")
         return
     plan = compress(model, paths, threshold, frames=args.frames, batch_size=args.batch_size, plan=plan_in,
                     progress=not args.no_progress, ids=ids, sequential=args.sequential, target_size=args.target_size,
-                    target_flops=args.target_flops, target_latency_ms=args.target_latency_ms)
+                    target_flops=args.target_flops, target_latency_ms=args.target_latency_ms, calibration=calib)
     recovery = None
     if args.recover_steps:
         from .recover import recover
@@ -403,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", type=_dtype, default=None)
     p.add_argument("--no-progress", action="store_true")
+    _ray_args(p, "calibration")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("sweep", help="several thresholds from one calibration: WER vs size table and plot")

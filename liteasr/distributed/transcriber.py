@@ -21,16 +21,20 @@ class ModelSpec:
     eager: bool = False  # on CUDA: model.py's eager reference instead of the CudaRuntime
     compile: bool = False  # on CUDA: torch.compile the runtime's encoder layers
 
-    def load(self):
-        """The liteasr Whisper, or a CudaRuntime around it on a CUDA device (unless eager)."""
+    def load_model(self):
+        """The liteasr Whisper (what calibration hooks into)."""
         import torch
 
         from ..checkpoint import load_model
 
         cuda = self.device.startswith("cuda")
         dtype = getattr(torch, self.dtype) if self.dtype else (torch.float16 if cuda else torch.float32)
-        model = load_model(self.name, device=self.device, dtype=dtype)
-        if cuda and not self.eager:
+        return load_model(self.name, device=self.device, dtype=dtype)
+
+    def load(self):
+        """What transcribes: the liteasr Whisper, or a CudaRuntime around it on a CUDA device (unless eager)."""
+        model = self.load_model()
+        if self.device.startswith("cuda") and not self.eager:
             from ..cuda import CudaRuntime, RuntimeOptions
 
             return CudaRuntime(model, RuntimeOptions(compile=self.compile))
