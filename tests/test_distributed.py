@@ -249,3 +249,88 @@ def test_eval_report_equals_single_process(ray_address, clips40, tiny_en):
     assert dist.keys() == local.keys()
     for key in ("overall", "by_domain", "by_lang", "utterances", "audio_s", "batch_size"):
         assert dist[key] == local[key], key
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ray Serve
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, timeout: float = 300) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} never became healthy")
+
+
+@pytest.fixture(scope="module")
+def ray_server(ray_address):
+    pytest.importorskip("liteasr.serve", reason="the server (liteasr.serve) is not on this branch yet")
+    from ray import serve
+
+    from liteasr.distributed import RayOptions
+    from liteasr.distributed.deployment import serve_ray
+    from liteasr.serve import BatchOptions, ServeOptions
+
+    port = _free_port()
+    # One replica that admits 2 requests and a router that queues 1 more: the rest of a burst gets 429.
+    serve_ray(["tiny.en"], port=port, options=ServeOptions(batch=BatchOptions(max_queue=2)),
+              ray_options=RayOptions(workers=1), max_queued_requests=1, blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url)
+    yield url
+    serve.shutdown()
+
+
+@pytest.mark.slow
+def test_serve_answers_openai_client(ray_server, clips40, tiny_en):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{ray_server}/v1", api_key="unused", max_retries=0)
+    row = clips40[3]
+    expected = transcribe(tiny_en, str(row["path"]))
+    with open(row["path"], "rb") as f:
+        text = client.audio.transcriptions.create(model="tiny.en", file=f)
+    assert text.text == expected["text"]
+    with open(row["path"], "rb") as f:
+        verbose = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="verbose_json")
+    assert verbose.text == expected["text"] and verbose.language in ("en", "english")
+    assert [s.text.strip() for s in verbose.segments] == [s["text"] for s in
+                                                         transcribe(tiny_en, str(row["path"]), timestamps=True)["segments"]]
+
+
+@pytest.mark.slow
+def test_serve_backpressure_is_429(ray_server, clips40):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{ray_server}/v1", api_key="unused", max_retries=0, timeout=300)
+    data = Path(clips40[0]["path"]).read_bytes()
+
+    def post(_) -> int:
+        try:
+            client.audio.transcriptions.create(model="tiny.en", file=("a.flac", data))
+            return 200
+        except openai.APIStatusError as e:
+            return e.status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(post, range(12)))
+    assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 3, codes
