@@ -2,8 +2,10 @@
 
     # CPU (this machine): one transcriber worker with T threads vs in-process transcribe with T threads
     python benchmarks/ray_overhead.py --clips 240 --threads 2 --repeats 3
-    # GPU (one H200): one GPU worker (CudaRuntime) vs in-process batched transcribe on the same runtime kind
-    python benchmarks/ray_overhead.py --device cuda --clips 1000 --batch-size 32 --repeats 3
+    # GPU (one H200, no network, no libsndfile, no ../shared): write the clips here, carry them and a model
+    python benchmarks/ray_overhead.py --clips 1000 --write-bundle .gpu/ray/clips.npz
+    python benchmarks/ray_overhead.py --device cuda --bundle .gpu/ray/clips.npz --model .gpu/real/<model dir> \
+        --batch-size 32 --repeats 3
 
 Each repeat runs both paths back to back (in-process first, then Ray), so that machine load drifts hit both;
 the medians are compared. In-process: load the model (and CudaRuntime) + transcribe(model, paths). Ray:
@@ -11,11 +13,12 @@ the whole `transcribe_stream` — read/resample tasks, the worker actor starting
 through the object store, stitching on the driver — but not `ray.init` (a cluster is started once per run
 of the CLI; its time is printed separately). The transcripts of both paths are checked to be equal.
 
-Without Ray installed (the GPU machine has no network, and Ray's wheels are larger than what travels with a
-run), `--device cuda` still runs the in-process side against the worker side without Ray: the clips read
-into pieces by `read_pieces` and fed through `Transcriber` batches exactly as Ray Data would feed them; this
-measures what a worker does beyond in-process transcribe (bytes -> arrays, batches of batch_size pieces
-instead of transcribe_iter's max_active window pool), not Ray's scheduling.
+Without Ray installed, or with --bundle (arrays, no files to read), the script runs the in-process side
+against the worker side without Ray: the clips cut into pieces as `read_pieces` cuts them and fed through
+`Transcriber` batches exactly as Ray Data feeds them. That is the case on the GPU machine (no network, and
+ray + pyarrow wheels are 134 MB, more than what travels with a run); it measures what a worker does beyond
+in-process transcribe (bytes -> arrays, batches of batch_size pieces instead of transcribe_iter's pool of
+max_active inputs), not Ray's scheduling and object store (measured on CPU).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def clips(manifest: Path, n: int) -> list[tuple[str, str]]:
             for i in range(n)]
 
 
-def in_process(spec, paths: list[str], options) -> tuple[float, list[str]]:
+def in_process(spec, paths: list, options) -> tuple[float, list[str]]:
     from liteasr.transcribe import transcribe_iter
 
     t0 = time.perf_counter()
@@ -59,7 +62,7 @@ def on_ray(spec, items: list[tuple[str, str]], options, ray_options) -> tuple[fl
     return time.perf_counter() - t0, [got[c] for c, _ in items]
 
 
-def worker_side(spec, items: list[tuple[str, str]], options) -> tuple[float, list[str]]:
+def worker_side(spec, items: list[tuple[str, object]], options) -> tuple[float, list[str]]:
     """What one Ray worker does, without Ray: pieces as bytes, Transcriber batches of batch_size."""
     import numpy as np
 
@@ -68,7 +71,13 @@ def worker_side(spec, items: list[tuple[str, str]], options) -> tuple[float, lis
 
     t0 = time.perf_counter()
     worker = Transcriber(spec, options)
-    rows = [p for c, path in items for p in read_pieces({"id": c, "path": path, "language": ""}, options.chunk_s)]
+    rows = []
+    for c, audio in items:
+        if isinstance(audio, str):
+            rows += read_pieces({"id": c, "path": audio, "language": ""}, options.chunk_s)
+        else:  # a bundle's array: the piece read_pieces would make of it
+            rows.append({"id": c, "path": c, "language": "", "first": 0, "num_samples": len(audio), "pieces": 1,
+                         "audio": audio.tobytes(), "error": ""})
     texts = {}
     for i in range(0, len(rows), options.batch_size):
         chunk = rows[i: i + options.batch_size]
@@ -89,7 +98,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads in-process = CPUs of the Ray worker")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--num-cpus", type=int, default=4, help="CPUs of the local Ray")
+    ap.add_argument("--write-bundle", type=Path, default=None, help="write the clips as an int16 bundle and stop")
+    ap.add_argument("--bundle", type=Path, default=None, help="clips from a bundle (the GPU machine)")
     args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import pcm
+
+    if args.write_bundle:
+        from liteasr.audio import load_audio
+
+        items = clips(args.manifest, args.clips)
+        args.write_bundle.parent.mkdir(parents=True, exist_ok=True)
+        pcm.save(args.write_bundle, [load_audio(p) for _, p in items], [c for c, _ in items])
+        print(f"wrote {args.write_bundle} ({len(items)} clips)")
+        return
 
     import torch
 
@@ -100,17 +122,20 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     spec = ModelSpec(args.model, device=args.device)
     options = TranscribeOptions(batch_size=args.batch_size)
-    items = clips(args.manifest, args.clips)
+    if args.bundle:
+        arrays = pcm.load(args.bundle)
+        items = [(f"clip{i}", a) for i, a in enumerate(arrays)]
+    else:
+        items = clips(args.manifest, args.clips)
     paths = [p for _, p in items]
     try:
         import ray  # noqa: F401
 
-        have_ray = True
+        have_ray = not args.bundle
     except ImportError:
         have_ray = False
-        if not cuda:
-            sys.exit("ray is not installed: pip install 'liteasr[ray]'")
-        print("ray is not installed: timing the worker side without Ray (see the docstring)")
+    if not have_ray:
+        print("timing the worker side without Ray (no ray installed, or --bundle; see the docstring)")
     if have_ray:
         from liteasr.distributed import RayOptions, connect
 
@@ -119,7 +144,8 @@ def main() -> None:
         t0 = time.perf_counter()
         connect(ray_options)
         print(f"ray.init: {time.perf_counter() - t0:.1f} s (not counted)")
-    audio_s = sum(__import__("soundfile").info(p).duration for p in paths)
+    audio_s = sum(len(p) / 16000 if not isinstance(p, str) else __import__("soundfile").info(p).duration
+                  for p in paths)
     print(f"{len(items)} clips, {audio_s / 60:.1f} min of audio, {args.model} on {args.device}, batch "
           f"{args.batch_size}, {args.threads} threads; load average {os.getloadavg()[0]:.2f} before")
     local_s, dist_s = [], []
