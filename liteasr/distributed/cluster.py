@@ -34,4 +34,5 @@ def connect(options: RayOptions) -> None:
     else:
         # Ray Data's own scheduling tasks need CPU slots beside the workers: at least one more than they take.
         need = int(options.workers * options.cpus_per_worker) + 2
-        ray.init(num_cpus=options.num_cpus or max(need, os.cpu_count() or 1))
+        # No dashboard: a dozen processes that a batch run started from the command line has no use for.
+        ray.init(num_cpus=options.num_cpus or max(need, os.cpu_count() or 1), include_dashboard=False)
