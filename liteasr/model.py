@@ -63,6 +63,20 @@ class LowRankLinear(nn.Module):
         layer.bias = nn.Parameter(bias)
         return layer
 
+    @classmethod
+    def from_pca(cls, layer: nn.Module, mean: Tensor, cov: Tensor, rank: int) -> "LowRankLinear":
+        """LiteASR's factors of `layer` (nn.Linear or LowRankLinear) from the mean (out,) and covariance
+        (out, out) of its outputs: weight1 = Wᵀ V_k (in, k), weight2 = V_kᵀ (k, out), bias = μ + V_k V_kᵀ (b − μ),
+        with V_k the top-`rank` principal directions. Computed in float64, stored in the layer's dtype and device."""
+        w, b = dense_weight(layer)
+        dtype, device = w.dtype, w.device
+        w = w.detach().to(cov.device, torch.float64)  # (out, in)
+        b = b.detach().to(w) if b is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+        _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+        v = vecs[:, -rank:].flip(1)  # (out, k): top-k principal directions
+        bias = mean + v @ (v.T @ (b - mean))
+        return cls.from_factors((w.T @ v).to(dtype), v.T.contiguous().to(dtype), bias.to(dtype)).to(device)
+
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         h = x @ self.weight1  # (..., r): the cheap rank-r intermediate
         return torch.addmm(self.bias, h.reshape(-1, h.shape[-1]), self.weight2).view(*x.shape[:-1], self.out_features)

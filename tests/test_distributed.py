@@ -7,6 +7,7 @@ read tasks need slots beside the transcriber actors."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -215,8 +216,7 @@ def test_killed_driver_resumes(ray_address, clips40, tmp_path):
 
 @pytest.mark.slow
 def test_calibration_equals_single_process(ray_address, speech_dev, tiny_en):
-    from liteasr.calibrate import calibrate
-    from liteasr.compress import make_plan
+    from liteasr.compress import calibrate, make_plan
     from liteasr.distributed import ModelSpec, RayOptions
     from liteasr.distributed.calibration import calibrate_ray, shards
 
@@ -239,15 +239,14 @@ def test_calibration_equals_single_process(ray_address, speech_dev, tiny_en):
 def test_eval_report_equals_single_process(ray_address, clips40, tiny_en):
     from liteasr.distributed import ModelSpec, RayOptions
     from liteasr.distributed.evaluation import evaluate_ray
-    from liteasr.eval import evaluate, read_manifest
+    from liteasr.eval import evaluate, read_manifest, transcribe_clips
 
     manifest = Path(clips40[0]["path"]).parent.parent / "manifest.jsonl"
     clips = read_manifest(manifest, ids=[r["id"] for r in clips40[28:]])
-    local = evaluate(lambda batch: [r["text"] for r in transcribe(tiny_en, [str(c.audio) for c in batch])],
-                     clips, progress=False)
+    local = evaluate(functools.partial(transcribe_clips, tiny_en), clips, progress=False)
     dist = evaluate_ray(ModelSpec("tiny.en"), clips, ray_options=RayOptions(workers=2), progress=False)
     assert dist.keys() == local.keys()
-    for key in ("overall", "by_domain", "by_lang", "utterances", "audio_s", "batch_size"):
+    for key in ("overall", "by_domain", "by_lang", "utterances", "audio_s", "batch_size", "n_failed", "failed"):
         assert dist[key] == local[key], key
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from .. import atomic
 from ..transcribe import TranscribeOptions
 from .cluster import RayOptions
 from .pipeline import Entry, transcribe_stream
@@ -105,12 +105,12 @@ def transcribe_corpus(spec: ModelSpec, source: str | os.PathLike, output_dir: st
                        **common, "error": str(result)}
             else:
                 row = {"id": fid, "path": e.path, **result, **common, "error": None}
-            _write_text(rows_dir / f"{_file_name(fid)}.json", json.dumps(row, ensure_ascii=False) + "\n")
+            atomic.write_text(rows_dir / f"{_file_name(fid)}.json", json.dumps(row, ensure_ascii=False) + "\n")
             written += 1
             bar.update()
     rows = [json.loads((rows_dir / f"{_file_name(e.id)}.json").read_text(encoding="utf-8")) for e in entries]
     jsonl, parquet = out / "results.jsonl", out / "results.parquet"
-    _write_text(jsonl, "".join(json.dumps({k: r[k] for k in COLUMNS}, ensure_ascii=False) + "\n" for r in rows))
+    atomic.write_text(jsonl, "".join(json.dumps({k: r[k] for k in COLUMNS}, ensure_ascii=False) + "\n" for r in rows))
     _write_parquet(parquet, rows)
     return Summary(len(entries), written, len(entries) - len(todo), sum(r["error"] is not None for r in rows),
                    time.perf_counter() - start, jsonl, parquet)
@@ -132,31 +132,5 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
                         ("segments", pa.list_(segment)), ("language", pa.string()), ("duration", pa.float64()),
                         ("model", pa.string()), ("options", pa.string()), ("error", pa.string())])
     table = pa.Table.from_pylist([{k: r[k] for k in COLUMNS} for r in rows], schema=schema)
-    with _atomic(path) as tmp:
+    with atomic.file(path) as tmp:
         pq.write_table(table, tmp)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with _atomic(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-class _atomic:
-    """A temporary path beside `path`, renamed onto it on a clean exit (readers never see a partial file)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self) -> Path:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        self.tmp = Path(tmp)
-        return self.tmp
-
-    def __exit__(self, kind, value, tb) -> None:
-        if kind is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
