@@ -7,8 +7,8 @@
     python benchmarks/ray_overhead.py --device cuda --bundle .gpu/ray/clips.npz --model .gpu/real/<model dir> \
         --batch-size 32 --repeats 3
 
-Each repeat runs both paths back to back (in-process first, then Ray), so that machine load drifts hit both;
-the medians are compared. In-process: load the model (and CudaRuntime) + transcribe(model, paths). Ray:
+After an untimed warm-up of both on 8 clips, each repeat runs both paths back to back (in-process first, then
+Ray), so that machine load drifts hit both; the medians are compared. In-process: load the model (and CudaRuntime) + transcribe(model, paths). Ray:
 the whole `transcribe_stream` — read/resample tasks, the worker actor starting and loading the model, batches
 through the object store, stitching on the driver — but not `ray.init` (a cluster is started once per run
 of the CLI; its time is printed separately). The transcripts of both paths are checked to be equal.
@@ -148,6 +148,10 @@ def main() -> None:
                   for p in paths)
     print(f"{len(items)} clips, {audio_s / 60:.1f} min of audio, {args.model} on {args.device}, batch "
           f"{args.batch_size}, {args.threads} threads; load average {os.getloadavg()[0]:.2f} before")
+    # Untimed warm-up of both sides on a few clips: process-wide first-time costs (CUDA context, kernel
+    # compilation, Ray worker start-up, file caches) would otherwise land on the first timed run only.
+    in_process(spec, paths[:8], options)
+    (on_ray(spec, items[:8], options, ray_options) if have_ray else worker_side(spec, items[:8], options))
     local_s, dist_s = [], []
     for r in range(args.repeats):
         t_local, texts_local = in_process(spec, paths, options)
