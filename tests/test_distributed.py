@@ -68,6 +68,25 @@ def corpus(tmp_path_factory, clips40, audio_cache):
     return {"manifest": manifest, "rows": rows, "long": long_audio}
 
 
+def test_read_corpus_manifest_and_directory(tmp_path):
+    from liteasr.distributed.corpus import read_corpus
+
+    (tmp_path / "a").mkdir()
+    for name in ("a/x.wav", "b.flac", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [(e.id, Path(e.path).name) for e in read_corpus(tmp_path)] == [("a/x.wav", "x.wav"), ("b.flac", "b.flac")]
+    good = tmp_path / "m.jsonl"
+    good.write_text('{"id": "1", "audio": "b.flac", "lang": "de"}\n\n{"id": "2", "audio": "a/x.wav"}\n')
+    assert [(e.id, e.path, e.language) for e in read_corpus(good)] == [
+        ("1", str(tmp_path / "b.flac"), "de"), ("2", str(tmp_path / "a/x.wav"), None)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "1", "audio": "b.flac"}\nnot json\n{"id": "1", "audio": "c.wav"}\n{"audio": "d.wav"}\n')
+    with pytest.raises(ValueError) as e:
+        read_corpus(bad)
+    for where in (":2: bad JSON", ":3: field 'id' duplicates line 1", ":4: field 'id' missing"):
+        assert where in str(e.value)
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
