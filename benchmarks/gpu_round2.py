@@ -128,11 +128,12 @@ def encoder_table(profiles: dict, variants: dict[str, list[tuple[str, list[int]]
 
 
 @torch.inference_mode()
-def decoder_step_table(batch_sizes: list[int], log, rows: list) -> None:
-    """One greedy step of large-v3's 32-layer decoder replayed from its graph: eager-captured vs compiled-then-captured."""
+def decoder_step_table(batch_sizes: list[int], modes: list, log, rows: list) -> None:
+    """One greedy step of large-v3's 32-layer decoder replayed from its graph: eager-captured vs compiled-then-captured
+    (modes: RuntimeOptions.compile_decoder values, False first)."""
     model = random_model("large-v3", None, torch.float16)
     tokens = {}
-    for compiled in (False, True):
+    for compiled in modes:
         rt = CudaRuntime(model, RuntimeOptions(compile_decoder=compiled, graphs=True))
         for b in batch_sizes:
             feats = torch.randn(b, 1500, 1280, device="cuda", dtype=torch.float16)
@@ -148,26 +149,28 @@ def decoder_step_table(batch_sizes: list[int], log, rows: list) -> None:
             ms = cuda_time(lambda: [graph.replay() for _ in range(20)], reps=10) / 20
             tokens[(compiled, b)] = toks
             agree = ""
-            if compiled:
-                ref = tokens[(False, b)]
+            ref = tokens.get((False, b))
+            if compiled and ref is not None:
                 same = sum(x == y for x, y in zip(toks, ref))
                 agree = f"  tokens identical to the uncompiled step in {same}/{b} rows"
-            rows.append(dict(model="large-v3", variant="compiled step" if compiled else "step", batch=b, ms=ms,
+            rows.append(dict(model="large-v3", variant=f"step compile={compiled}", batch=b, ms=ms,
                              build_s=build))
-            log(f"  decoder step {'compiled' if compiled else 'eager   '} b={b:<3d} {ms:7.3f} ms (capture {build:.0f} s){agree}")
+            log(f"  decoder step compile={compiled} b={b:<3d} {ms:7.3f} ms (capture {build:.0f} s){agree}")
         del rt
         torch.cuda.empty_cache()
 
 
 @torch.inference_mode()
-def e2e_table(shapes: dict[str, list[int]], systems: dict[str, tuple], n_tokens: int, log, rows: list,
-              profiles: dict) -> None:
+def e2e_table(shapes: dict[str, list[int]], systems: dict[str, tuple], n_tokens: int, profiles: dict, skip,
+              log, rows: list) -> None:
     """End to end (mel in, n_tokens greedy tokens out), host clock: transformers generate on the dense weights and
     liteasr CudaRuntime per (label: (profile name, RuntimeOptions kwargs))."""
     from gpu_bench import liteasr_generate
 
     for shape, batch_sizes in shapes.items():
         for label, (pname, opts) in systems.items():
+            if (shape, label) in skip:
+                continue
             model = random_model(shape, profiles[pname], torch.float16)
             rt = CudaRuntime(model, RuntimeOptions(sdpa="cudnn", **opts))
             for b in batch_sizes:
@@ -189,6 +192,28 @@ def e2e_table(shapes: dict[str, list[int]], systems: dict[str, tuple], n_tokens:
                 torch.cuda.empty_cache()
             del model, rt
             torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def prepare_real(models: list[str], out: str, n_clips: int = 3) -> None:
+    """(CPU, here) The real-weight bundle: each model's encoder (fp16 state dict, dims, ranks) and the log-mel of the
+    first n_clips speech-dev check clips, in out/bundle.pt (one call carries at most 64 MiB: base's encoder is 41 MB)."""
+    import liteasr
+    from fp8_wer import SPEECH_DEV, check_clips
+    from liteasr.audio import load_audio, log_mel_spectrogram, pad_or_trim
+
+    encoders = {}
+    for name in models:
+        m = liteasr.load_model(name, "cpu", torch.float32)
+        d = m.dims
+        encoders[os.path.basename(name.rstrip("/"))] = dict(
+            dims={k: getattr(d, k) for k in d.__dataclass_fields__}, low_rank=m.low_rank_config,
+            state={k: v.half() for k, v in m.encoder.state_dict().items()})
+    clips = check_clips(SPEECH_DEV)[:n_clips]
+    mel = torch.stack([log_mel_spectrogram(torch.from_numpy(pad_or_trim(load_audio(c.audio))), d.num_mel_bins)
+                       for c in clips])
+    os.makedirs(out, exist_ok=True)
+    torch.save(dict(mel=mel, clips=[c.id for c in clips], encoders=encoders), os.path.join(out, "bundle.pt"))
 
 
 @torch.inference_mode()
@@ -229,7 +254,16 @@ def main() -> None:
     ap.add_argument("--sections", nargs="+", default=["encoder", "decoder", "e2e", "real"])
     ap.add_argument("--real", default=None, help="bundle directory with bundle.pt (real-weight encoder check)")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), help="encoder variants to run")
+    ap.add_argument("--decoder-modes", nargs="+", default=["eager", "default"],
+                    help="decoder step: eager (no compile), default, or a torch.compile mode name")
+    ap.add_argument("--decoder-batch-size", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--prepare", nargs="+", default=None, metavar="MODEL",
+                    help="(CPU) write the real-weight bundle of these models to --out and exit")
     a = ap.parse_args()
+    if a.prepare:
+        prepare_real(a.prepare, a.out)
+        return
     os.makedirs(a.out, exist_ok=True)
     log = Log(os.path.join(a.out, "round2.log"))
     result: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
@@ -258,19 +292,21 @@ def main() -> None:
 
     # skewed-c's 32 layers differ in ranks: compiling them takes ~40 s per batch size, so round one's compiled path
     # is re-timed at batch 8 only (its other numbers: docs/gpu-bench-h200.log)
-    section("encoder", encoder_table, profiles,
-            {"dense": [("compile", bs), ("compile+epi", bs), ("fused", bs), ("fused+fp8", bs)],
-             "skewed-c": [("fused", bs), ("fused+fp8", bs), ("fused+fp8dense", bs), ("compile", [8])]}, bs)
-    section("decoder", decoder_step_table, [1, 8])
+    plan = {"dense": [("compile", bs), ("compile+epi", bs), ("fused", bs), ("fused+fp8", bs)],
+            "skewed-c": [("fused", bs), ("fused+fp8", bs), ("fused+fp8dense", bs), ("compile", [8])]}
+    plan = {k: [(v, b) for v, b in vs if v in a.variants] for k, vs in plan.items()}
+    section("encoder", encoder_table, profiles, plan, bs)
+    if a.real:
+        section("real", real_table, a.real)
+    modes = [{"eager": False, "default": True}.get(m, m) for m in a.decoder_modes]
     section("e2e", e2e_table, {"large-v3-turbo": bs, "large-v3": [1]},
             {"liteasr dense compile": ("dense", dict(compile=True)),
              "liteasr dense fused": ("dense", dict(fused_norm=True, gelu_epilogue=True, compile_decoder=True)),
              "liteasr skewed-c fused": ("skewed-c", dict(fused_norm=True, gelu_epilogue=True, compile_decoder=True)),
              "liteasr skewed-c fused+fp8": ("skewed-c", dict(fused_norm=True, gelu_epilogue=True, fp8="all",
                                                              compile_decoder=True))},
-            a.tokens, profiles)
-    if a.real:
-        section("real", real_table, a.real)
+            a.tokens, profiles, {("large-v3", "liteasr dense fused")})
+    section("decoder", decoder_step_table, a.decoder_batch_size, modes)
 
 
 if __name__ == "__main__":

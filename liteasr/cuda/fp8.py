@@ -95,7 +95,7 @@ class Fp8Linear(nn.Module):
         n, k = weight.shape
         if n % 16 or k % 16:
             raise ValueError(f"Fp8Linear: in and out features must be multiples of 16, got ({n}, {k})")
-        w8, sw = quantize_rows_reference(weight.detach())
+        w8, sw = quantize_rows_reference(weight.detach().contiguous())  # (out, in) row-major: what _scaled_mm needs
         self.register_buffer("weight8", w8)  # (out, in) row-major = the column-major (in, out) _scaled_mm takes
         self.register_buffer("weight_scale", sw.T.contiguous())  # (1, out)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())

@@ -360,11 +360,13 @@ class DecoderRunner:
     tests, debugging). check_every: steps per chunk between looks at the all-finished flag."""
 
     def __init__(self, decoder: TextDecoder, use_graphs: bool = True, check_every: int = 8,
-                 compile: bool = False) -> None:
+                 compile: bool | str = False) -> None:
         self.decoder = decoder
-        # compile: the step's decoder forward through torch.compile (static shapes, one specialisation per batch
-        # size), so that the captured graph replays Inductor's fused kernels instead of ~30 small ones per layer
-        self.forward = torch.compile(decoder.forward, dynamic=False) if compile else decoder.forward
+        # compile (True or a torch.compile mode name): the step's decoder forward through torch.compile (static
+        # shapes, one specialisation per batch size), so that the captured graph replays Inductor's fused kernels
+        # instead of ~30 small ones per layer
+        mode = compile if isinstance(compile, str) else None
+        self.forward = torch.compile(decoder.forward, dynamic=False, mode=mode) if compile else decoder.forward
         self.use_graphs = use_graphs
         self.check_every = check_every
         self.n_ctx = decoder.embed_positions.num_embeddings
@@ -520,7 +522,7 @@ class RuntimeOptions:
     gelu_epilogue: bool = False  # fc1's bias + GELU (tanh form) in the cuBLASLt GEMM epilogue
     fused_norm: bool = False  # residual add + LayerNorm as one Triton pass (instead of `compile` fusing them)
     fp8: str | None = None  # encoder linears in FP8 E4M3 (Hopper+): None, "dense" or "all" (factored matmuls too)
-    compile_decoder: bool = False  # torch.compile the greedy step's decoder forward before capturing it
+    compile_decoder: bool | str = False  # torch.compile the greedy step's decoder forward before capture (or a mode)
 
     def __post_init__(self) -> None:
         if self.fused_norm and self.compile:
