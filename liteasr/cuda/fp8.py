@@ -51,6 +51,40 @@ if HAS_TRITON:
         tl.store(Q + row * K + cols, (x / scale).to(Q.dtype.element_ty), mask=cols < K)
 
 
+if HAS_TRITON:
+
+    @triton.jit
+    def _gelu_quantize_rows_kernel(Y, BIAS, Q, S, K, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < K
+        y = tl.load(Y + row * K + cols, mask=mask, other=0.0).to(tl.float32)
+        y += tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+        g = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))  # exact (erf) GELU, as Whisper's
+        g = g.to(Y.dtype.element_ty).to(tl.float32)  # the activation the unfused path would hand fc2
+        g = tl.where(mask, g, 0.0)
+        scale = tl.maximum(tl.max(tl.abs(g), axis=0), 1e-12) / 448.0
+        tl.store(S + row, scale)
+        tl.store(Q + row * K + cols, (g / scale).to(Q.dtype.element_ty), mask=mask)
+
+
+def gelu_quantize_rows_reference(y: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """quantize_rows(GELU(y + bias)): fc1's bias and activation and fc2's input quantization. y (M, K), bias (K,)."""
+    return quantize_rows_reference(torch.nn.functional.gelu(y + bias))
+
+
+def gelu_quantize_rows(y: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """gelu_quantize_rows_reference in one pass on CUDA (Triton: y read once, the E4M3 activation written once
+    instead of bias, GELU and quantization passes over the (B·T, 5120) tensor); the reference elsewhere."""
+    if not (HAS_TRITON and y.is_cuda and y.is_contiguous()) or torch.compiler.is_compiling():
+        return gelu_quantize_rows_reference(y, bias)
+    m, k = y.shape
+    q = torch.empty(m, k, device=y.device, dtype=E4M3)
+    s = torch.empty(m, 1, device=y.device, dtype=torch.float32)
+    _gelu_quantize_rows_kernel[(m,)](y, bias, q, s, k, BLOCK=triton.next_power_of_2(k), num_warps=8)
+    return q, s
+
+
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """quantize_rows_reference in one pass on CUDA (Triton: each row read once, its E4M3 copy written once); the
     reference elsewhere and while torch.compile traces (Inductor fuses the reference's ops itself). x (M, K) with
@@ -102,14 +136,38 @@ class Fp8Linear(nn.Module):
         self.out_features, self.in_features = n, k
         self.out_dtype = out_dtype or weight.dtype
 
+    def mm(self, x8: Tensor, sx: Tensor, bias: bool = True) -> Tensor:
+        """The GEMM on already quantized rows: x8 (M, in) E4M3, sx (M, 1) -> (M, out) in out_dtype, with the bias
+        in the epilogue when `bias` and the output dtype matches it (else the caller adds it)."""
+        b = self.bias if bias and self.bias is not None and self.bias.dtype == self.out_dtype else None
+        return torch._scaled_mm(x8, self.weight8.T, scale_a=sx, scale_b=self.weight_scale, bias=b,
+                                out_dtype=self.out_dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features)
-        x8, sx = quantize_rows(x2)
-        y = torch._scaled_mm(x8, self.weight8.T, scale_a=sx, scale_b=self.weight_scale, out_dtype=self.out_dtype)
-        y = y.to(x.dtype)
-        if self.bias is not None:
+        y = self.mm(*quantize_rows(x2))
+        if self.bias is not None and self.bias.dtype != self.out_dtype:
             y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class Fp8Mlp(nn.Module):
+    """fc2(GELU(fc1(x))) for dense fc1, fc2 in FP8, in three launches: fc1's GEMM (no bias), one Triton pass that adds
+    fc1's bias, applies GELU and quantizes the rows for fc2 (gelu_quantize_rows), fc2's GEMM with its bias in the
+    epilogue. x (..., d) -> (..., d)."""
+
+    def __init__(self, fc1: nn.Linear, fc2: nn.Linear, out_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.fc1 = Fp8Linear(fc1.weight, fc1.bias, out_dtype)
+        self.fc2 = Fp8Linear(fc2.weight, fc2.bias, out_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, self.fc1.in_features)
+        y = self.fc1.mm(*quantize_rows(x2), bias=False)  # (M, ffn)
+        y = self.fc2.mm(*gelu_quantize_rows(y, self.fc1.bias))
+        if self.fc2.bias.dtype != self.fc2.out_dtype:
+            y = y + self.fc2.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.fc2.out_features)
 
 
 class Fp8LowRankLinear(nn.Module):

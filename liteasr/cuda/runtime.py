@@ -222,10 +222,16 @@ class FastEncoderLayer(nn.Module):
         self.self_attn = (FastSelfAttention(layer.self_attn, allow_lowrank, fp8, fp8_out)
                           if isinstance(layer.self_attn, Attention) else layer.self_attn)
         self.self_attn_layer_norm = layer.self_attn_layer_norm
-        fc1 = _fp8_or_same(layer.fc1, fp8, fp8_out)
-        use_epilogue = gelu_epilogue and fc1 is layer.fc1  # an FP8 fc1 has no GELU epilogue
-        self.fc1_gelu = LinearGelu(fc1) if use_epilogue else Gelu(fc1)
-        self.fc2 = _fp8_or_same(layer.fc2, fp8, fp8_out)
+        if fp8 is not None and isinstance(layer.fc1, nn.Linear) and isinstance(layer.fc2, nn.Linear):
+            from .fp8 import Fp8Mlp
+
+            # both FP8: fc1's bias + GELU + fc2's input quantization in one pass (Fp8Mlp); fc2 is then identity
+            self.fc1_gelu, self.fc2 = Fp8Mlp(layer.fc1, layer.fc2, fp8_out), nn.Identity()
+        else:
+            fc1 = _fp8_or_same(layer.fc1, fp8, fp8_out)
+            use_epilogue = gelu_epilogue and fc1 is layer.fc1  # an FP8 fc1 has no GELU epilogue
+            self.fc1_gelu = LinearGelu(fc1) if use_epilogue else Gelu(fc1)
+            self.fc2 = _fp8_or_same(layer.fc2, fp8, fp8_out)
         self.final_layer_norm = layer.final_layer_norm
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, d)
