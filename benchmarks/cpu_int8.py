@@ -30,6 +30,29 @@ from liteasr.quantize import int8_model
 from cpu_vs_transformers import SPEECH_DEV, select_clips
 
 
+def ct2_dir(path: Path) -> str:
+    """The CTranslate2 directory faster-whisper can load: PyPI-packaged models split model.bin into
+    model.bin.part1, part2, … (liteasr.ct2 reads either); CTranslate2 wants one file, so join them once into a
+    sibling directory."""
+    if (path / "model.bin").exists():
+        return str(path)
+    joined = path.parent / (path.name + "-ct2-joined")
+    if not (joined / "model.bin").exists():
+        import shutil
+
+        joined.mkdir(exist_ok=True)
+        for f in path.iterdir():
+            if not f.name.startswith("model.bin") and f.is_file():
+                shutil.copy(f, joined / f.name)
+        parts = sorted(path.glob("model.bin.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
+        tmp = joined / "model.bin.tmp"
+        with open(tmp, "wb") as out:
+            for p in parts:
+                out.write(p.read_bytes())
+        tmp.rename(joined / "model.bin")
+    return str(joined)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense", default="base")
@@ -61,7 +84,7 @@ def main() -> None:
 
         from liteasr.fetch import fetch_model
 
-        fw = WhisperModel(str(fetch_model(a.dense, quiet=True)), device="cpu", compute_type="int8",
+        fw = WhisperModel(ct2_dir(Path(fetch_model(a.dense, quiet=True))), device="cpu", compute_type="int8",
                           cpu_threads=a.threads)
 
         def run_fw(xs):

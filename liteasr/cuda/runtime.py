@@ -9,13 +9,15 @@ Encoder (`fast_encoder`, `EncoderRunner`):
   rate become one wider one — followed by the three small up-projections;
 - attention in the reduced dimension (liteasr.cuda.kernels, Triton) where the ranks are small enough for
   it to win on measured hardware (`lowrank_attention_wins`), SDPA otherwise;
-- biases ride in cuBLAS epilogues (addmm); optionally `torch.compile` fuses LayerNorm / GELU /
-  residual adds; `EncoderRunner` captures one CUDA graph per input shape.
+- biases ride in cuBLAS epilogues (addmm); fc1's bias + GELU too with `gelu_epilogue` (LinearGelu);
+  residual add + LayerNorm as one Triton pass each with `fused_norm` (FusedNormEncoder, liteasr.cuda.norm),
+  or `torch.compile` fusing LayerNorm / GELU / residual adds; linears in FP8 E4M3 with `fp8`
+  (liteasr.cuda.fp8); `EncoderRunner` captures one CUDA graph per input shape.
 
 Decoder (`DecoderRunner`): one greedy decode step — embedding, every layer against a static
 448-slot KV cache under a mask (TextDecoder's Tensor-offset path), logits, Whisper's suppression
 and timestamp rules, argmax, log-probability, bookkeeping — captured in one CUDA graph per batch
-size. Token selection stays on the device; the host replays the graph and looks at the
+size, optionally with the decoder forward compiled first (`compile_decoder`). Token selection stays on the device; the host replays the graph and looks at the
 all-finished flag once per chunk of steps, one chunk behind, so no step waits for the host. The
 token rules are liteasr.decoding's `select_tokens`, the same code the eager reference runs.
 
