@@ -17,13 +17,14 @@ Encoder (`fast_encoder`, `EncoderRunner`):
 Decoder (`DecoderRunner`): one greedy decode step — embedding, every layer against a static
 448-slot KV cache under a mask (TextDecoder's Tensor-offset path), logits, Whisper's suppression
 and timestamp rules, argmax, log-probability, bookkeeping — captured in one CUDA graph per batch
-size, optionally with the decoder forward compiled first (`compile_decoder`). Token selection stays on the device; the host replays the graph and looks at the
-all-finished flag once per chunk of steps, one chunk behind, so no step waits for the host. The
-token rules are liteasr.decoding's `select_tokens`, the same code the eager reference runs.
+size, optionally with the decoder forward compiled first (`compile_decoder`). Token selection stays
+on the device; the host replays the graph and looks at the all-finished flag once per chunk of
+steps, one chunk behind, so no step waits for the host. The token rules are liteasr.decoding's
+`select_tokens`, the same code the eager reference runs.
 
-`CudaRuntime` owns all of it for one model: the caller builds it explicitly and passes it wherever a
-model is taken (`liteasr.transcribe(runtime, …)`); it holds no global state, so a server can keep one
-per model and GPU.
+`CudaRuntime` owns all of it for one model: the caller builds it explicitly and passes it wherever a model is taken
+(`liteasr.transcribe(runtime, …)`); it holds no global state, so a server can keep one per model and
+GPU.
 """
 
 from __future__ import annotations
