@@ -27,6 +27,16 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="with --device cuda: run model.py's eager reference instead of the CUDA runtime")
     p.add_argument("--compile", default=False, action="store_const", const=True,
                    help="with --device cuda: torch.compile the encoder layers of the runtime (slow first call)")
+    p.add_argument("--gelu-epilogue", action="store_true",
+                   help="with --device cuda: fc1's bias + GELU in the GEMM epilogue (RuntimeOptions.gelu_epilogue)")
+    p.add_argument("--fused-norm", action="store_true",
+                   help="with --device cuda: residual add + LayerNorm as one Triton pass (RuntimeOptions.fused_norm)")
+    p.add_argument("--fp8", default=None, choices=["dense", "all"],
+                   help="with --device cuda (Hopper): encoder linears in FP8 E4M3 (RuntimeOptions.fp8)")
+    p.add_argument("--compile-decoder", action="store_true",
+                   help="with --device cuda: torch.compile the decode step before capture (RuntimeOptions.compile_decoder)")
+    p.add_argument("--int8", action="store_true",
+                   help="with --device cpu: dynamic int8 linears (liteasr.quantize.int8_model)")
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -59,7 +69,13 @@ def _backend(args, name: str):
     if str(args.device).startswith("cuda") and not args.eager:
         from .cuda import CudaRuntime, RuntimeOptions
 
-        return CudaRuntime(model, RuntimeOptions(compile=args.compile))
+        return CudaRuntime(model, RuntimeOptions(compile=args.compile, gelu_epilogue=args.gelu_epilogue,
+                                                 fused_norm=args.fused_norm, fp8=args.fp8,
+                                                 compile_decoder=args.compile_decoder))
+    if args.int8:
+        from .quantize import int8_model
+
+        return int8_model(model)
     return model
 
 
