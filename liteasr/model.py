@@ -233,22 +233,28 @@ class TextDecoder(nn.Module):
         x = self.embed_tokens(tokens) + self.embed_positions(pos)
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i, pos, mask, n_keys)
-        x = self.layer_norm(x)
-        return (x @ self.embed_tokens.weight.T).float()  # output projection tied to the embedding
+        return self.logits(self.layer_norm(x))
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x (B, T, d) after the final LayerNorm -> logits (B, T, vocab) float32: the output projection, tied to
+        the token embedding (quantized copies override this: liteasr.quantize)."""
+        return (x @ self.embed_tokens.weight.T).float()
 
 
 class Whisper(nn.Module):
     """Encoder-decoder Whisper. `low_rank` is the lite-whisper `low_rank_config`: one dict per encoder
     layer mapping any of LOW_RANK_KEYS to a rank; a missing key means that linear is dense.
 
-    Loaders attach `tokenizer` (liteasr.tokenizer.Tokenizer) and `config` (the Hugging Face config
-    dict, kept so that saving writes back every field it was loaded with)."""
+    Loaders attach `tokenizer` (liteasr.tokenizer.Tokenizer), `config` (the Hugging Face config
+    dict, kept so that saving writes back every field it was loaded with) and `generation_config`
+    (e.g. the checkpoint's alignment heads, read by liteasr.alignment)."""
 
     def __init__(self, dims: Dims, low_rank: list[dict[str, int]] | None = None) -> None:
         super().__init__()
         if low_rank is not None and len(low_rank) != dims.encoder_layers:
             raise ValueError(f"low_rank_config has {len(low_rank)} entries but the encoder has "
                              f"{dims.encoder_layers} layers")
+        self.generation_config: dict = {}
         self.dims = dims
         self.encoder = AudioEncoder(dims, low_rank)
         self.decoder = TextDecoder(dims)
