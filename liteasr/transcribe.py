@@ -67,6 +67,15 @@ class TranscribeOptions:
     append_punctuations: str = "\"'.。,，!！?？:：”)]}、"  # … and into the preceding one
     progress: bool = False
     max_active: int = 32  # inputs loaded at a time by transcribe_iter (bounded memory on any corpus)
+    # Split inputs longer than this many seconds at their quietest points (`split_points`) and transcribe
+    # each piece as an input of its own, stitched back in order (`stitch`). Whisper's seek makes the windows
+    # of one input sequential; pieces are independent, so a corpus run can spread one long file over
+    # several workers and still give exactly this single-process result. None: never split.
+    chunk_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.chunk_s is not None and self.chunk_s < 2 * N_SAMPLES / SAMPLE_RATE:
+            raise ValueError(f"chunk_s must be at least {2 * N_SAMPLES // SAMPLE_RATE} s (got {self.chunk_s})")
 
     def decoding(self, timestamps: bool) -> DecodingOptions:
         """The DecodingOptions of one window."""
@@ -111,7 +120,7 @@ class Job:
         self.tokenizer: Tokenizer = model.tokenizer
         self.model = model  # word alignment runs the decoder again
         self.last_speech = 0.0  # end of the last timed word (openai-whisper's last_speech_timestamp)
-        self.audio = load_audio(item) if isinstance(item, (str, os.PathLike)) else check_audio(np.asarray(item))
+        self.audio = read_audio(item)
         # Features are computed by torch; a non-torch model (the MLX twin) takes them from the CPU.
         self.mel = log_mel_spectrogram(self.audio, model.dims.num_mel_bins, padding=N_SAMPLES,
                                        device=_feature_device(model))  # (n_mels, frames + N_FRAMES)
@@ -254,6 +263,9 @@ def transcribe_iter(model, items: list, options: "TranscribeOptions" = None,
     from tqdm import tqdm
 
     opts = options or TranscribeOptions()
+    if opts.chunk_s is not None:
+        yield from _transcribe_chunked(model, items, opts, names)
+        return
     pending = iter(enumerate(items))
     active: list[tuple[int, Job]] = []
     with tqdm(total=len(items), unit="file", disable=not opts.progress, desc="transcribe") as bar:
@@ -273,6 +285,85 @@ def transcribe_iter(model, items: list, options: "TranscribeOptions" = None,
                     active.remove((i, job))
                     bar.update()
                     yield i, _named(failed[job], job.name) if job in failed else job.result()
+
+
+def _transcribe_chunked(model, items: list, opts: TranscribeOptions,
+                        names: list[str] | None) -> Iterator[tuple[int, dict | Exception]]:
+    """transcribe_iter with opts.chunk_s: up to max_active inputs at a time are loaded and split, and their
+    pieces transcribed together as independent inputs, then stitched per input."""
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    whole = replace(opts, chunk_s=None, progress=False)
+    with tqdm(total=len(items), unit="file", disable=not opts.progress, desc="transcribe") as bar:
+        for start in range(0, len(items), opts.max_active):
+            pieces: list[np.ndarray] = []
+            owner: list[tuple[int, int]] = []  # (input index, first sample) of each piece
+            total: dict[int, int] = {}
+            for i in range(start, min(start + opts.max_active, len(items))):
+                name = names[i] if names else items[i]
+                try:
+                    audio = read_audio(items[i])
+                    total[i] = len(audio)
+                    for a, b in split_points(audio, opts.chunk_s):
+                        pieces.append(audio[a:b])
+                        owner.append((i, a))
+                except Exception as e:
+                    bar.update()
+                    yield i, _named(e, name)
+            parts: dict[int, list[tuple[int, dict]]] = {i: [] for i in total}
+            failed: dict[int, Exception] = {}
+            for k, out in transcribe_iter(model, pieces, whole):
+                i, first = owner[k]
+                if isinstance(out, Exception):
+                    failed.setdefault(i, _named(out, names[i] if names else items[i]))
+                else:
+                    parts[i].append((first, out))
+            for i in total:
+                bar.update()
+                yield i, failed[i] if i in failed else stitch(parts[i], total[i])
+
+
+def read_audio(item) -> np.ndarray:
+    """16-kHz float32 samples of a path (decoded, resampled) or an array (checked)."""
+    return load_audio(item) if isinstance(item, (str, os.PathLike)) else check_audio(np.asarray(item))
+
+
+def split_points(audio: np.ndarray, chunk_s: float) -> list[tuple[int, int]]:
+    """[(first, end) sample] of consecutive pieces of at most `chunk_s` seconds covering `audio` (T,).
+
+    Each cut falls at the quietest half second (mean energy of 25-ms frames) in the second half of the piece
+    it ends, so that words are rarely cut and no piece is shorter than chunk_s / 2 unless it is the last.
+    A function of the samples alone: every process given the same audio cuts it at the same points."""
+    n, limit = len(audio), int(chunk_s * SAMPLE_RATE)
+    if n <= limit:
+        return [(0, n)]
+    frame, smooth = 400, 20  # 25-ms frames, averaged over 20 of them (0.5 s)
+    energy = np.square(audio[: n // frame * frame].astype(np.float64)).reshape(-1, frame).mean(axis=1)
+    csum = np.concatenate([[0.0], np.cumsum(energy)])
+    bounds, first = [], 0
+    while n - first > limit:
+        lo, hi = (first + limit // 2) // frame, (first + limit) // frame - smooth  # candidate frames
+        level = (csum[lo + smooth: hi + smooth] - csum[lo: hi]) / smooth  # mean energy of [f, f + smooth)
+        cut = (lo + int(np.argmin(level)) + smooth // 2) * frame  # the middle of the quietest half second
+        bounds.append((first, cut))
+        first = cut
+    return bounds + [(first, n)]
+
+
+def stitch(parts: list[tuple[int, dict]], num_samples: int) -> dict:
+    """One input's result from its pieces' results: `parts` is [(first sample, result)] in any order; segment
+    times move by the piece's offset, texts join in order. The language is the first piece's."""
+    parts = sorted(parts, key=lambda p: p[0])
+    segments = []
+    for first, r in parts:
+        offset = first / SAMPLE_RATE
+        segments += [{**seg, "start": round(seg["start"] + offset, 3), "end": round(seg["end"] + offset, 3)}
+                     for seg in r["segments"]]
+    text = " ".join(t for _, r in parts if (t := r["text"]))
+    return {"text": text, "language": parts[0][1]["language"], "segments": segments,
+            "duration": round(num_samples / SAMPLE_RATE, 3)}
 
 
 def _named(e: Exception, item) -> Exception:
@@ -495,4 +586,5 @@ def write_result(result: dict, path: str | os.PathLike, subtitles: SubtitleOptio
 
 __all__ = ["transcribe", "transcribe_iter", "TranscribeOptions", "Job", "Window", "decode_windows", "temperature_schedule",
            "SubtitleOptions", "render",
+           "read_audio", "split_points", "stitch",
            "write_result", "format_timestamp"]

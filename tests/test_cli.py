@@ -63,6 +63,15 @@ def test_transcribe_prints_text(tiny_en, jfk_path):
     assert "ask not what your country can do for you" in expected.lower()
 
 
+def test_transcribe_int8(tiny_en, jfk_path):
+    """--int8 runs liteasr.quantize.int8_model's copy: the same words as the float32 model on JFK."""
+    from liteasr.eval import normalize
+
+    proc = run_cli("transcribe", jfk_path, "--no-progress", "--int8")
+    assert proc.returncode == 0, proc.stderr
+    assert normalize(proc.stdout) == normalize(tiny_en.transcribe(str(jfk_path))["text"])
+
+
 def test_all_formats_written(hf_dir_tiny, jfk_path, second_path, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("transcribe", jfk_path, second_path, "-m", hf_dir_tiny, "-f", "all", "-o", out, "--no-progress")

