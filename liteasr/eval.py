@@ -174,11 +174,9 @@ def spread(items: Sequence, n: int | None, key: Callable[[Any], Any] | None = No
         return items
     if n < 1:
         raise ValueError(f"limit must be at least 1, not {n}")
-    if key is None:
-        return [items[i * len(items) // n] for i in range(n)]
-    groups: dict[Any, list[int]] = defaultdict(list)
+    groups: dict[Any, list[int]] = defaultdict(list)  # without a key: one stratum, plain even spacing
     for i, item in enumerate(items):
-        groups[key(item)].append(i)
+        groups[key(item) if key else None].append(i)
     sizes = {g: len(idx) for g, idx in groups.items()}
     base = 1 if n >= len(groups) else 0
     share = {g: (n - base * len(groups)) * (size - base) / (len(items) - base * len(groups)) for g, size in sizes.items()}

@@ -272,12 +272,13 @@ With liteasr installed, `import liteasr` registers these classes with transforme
 def model_card(name: str, model: nn.Module, save_dtype: torch.dtype, base_model: str | None, compression: dict,
                report: dict | None) -> str:
     """README.md of an exported liteasr `Whisper`: metadata, thresholds, ranks, sizes, WER and calibration."""
-    lrc, d, ffn = model.low_rank_config, model.dims.d_model, model.dims.encoder_ffn_dim
+    from .model import encoder_linears
+
+    lrc, linears = model.low_rank_config, encoder_linears(model).values()
     size_bytes = sum(v.numel() * (save_dtype.itemsize if v.is_floating_point() else v.element_size())
                      for v in model.state_dict().values())  # the weights as saved (the file adds a small header)
-    shapes = [{"fc1": (d, ffn), "fc2": (ffn, d)}.get(k, (d, d)) for k in LOW_RANK_KEYS]  # (in, out)
-    before = len(lrc) * sum(i * o for i, o in shapes)
-    after = sum(r[k] * (i + o) if k in r else i * o for r in lrc for k, (i, o) in zip(LOW_RANK_KEYS, shapes))
+    before = sum(m.in_features * m.out_features for m in linears)
+    after = sum(p.numel() for m in linears for p in m.parameters() if p.dim() == 2)
     rows = ["| layer | " + " | ".join(LOW_RANK_KEYS) + " |", "|---" * (len(LOW_RANK_KEYS) + 1) + "|"]
     rows += [f"| {i} | " + " | ".join(str(r.get(k, "dense")) for k in LOW_RANK_KEYS) + " |" for i, r in enumerate(lrc)]
     wer, clips = "not measured", compression.get("calibration")

@@ -40,7 +40,7 @@ class CompressConfig:
     batch_size: int = 8  # calibration clips per encoder call
     sequential: bool = False  # calibrate layer by layer on the already-factored layers' outputs
     budget: Budget | None = None  # choose all ranks jointly under this budget instead of one θ per type
-    plan: Plan | None = None  # apply this plan's ranks (and its θ and frame policy) instead of searching
+    plan: Plan | None = None  # apply this plan's ranks instead of searching; sets θ and frame policy to its own
     recover_steps: int = 0  # distil the factored encoder toward the dense one for this many steps (0: off)
     progress: bool = True  # tqdm bars
 
@@ -56,6 +56,9 @@ class CompressConfig:
             raise ValueError(f"budget must be a Budget(kind, value), not {self.budget!r}")
         if self.budget is not None and self.plan is not None:
             raise ValueError("give a plan or a budget, not both: each decides every rank")
+        if self.plan is not None:  # a saved plan brings the θ and statistics its ranks were chosen with
+            object.__setattr__(self, "threshold", self.plan.threshold)
+            object.__setattr__(self, "frame_policy", self.plan.frame_policy)
 
 
 def plan_only(model: Whisper, audio: list, config: CompressConfig = CompressConfig(), ids: list[str] | None = None,
@@ -65,7 +68,11 @@ def plan_only(model: Whisper, audio: list, config: CompressConfig = CompressConf
     if config.sequential:
         return compress(copy.deepcopy(model), audio, replace(config, recover_steps=0), ids=ids)
     _check_clips(audio)
-    return _plan(model, _calibration(model, audio, config, ids, calibration), audio, config)
+    calib = _calibration(model, audio, config, ids, calibration)
+    ranks, allocation = _ranks(model, calib, audio, config)
+    plan = make_plan(model, calib, config.threshold, ranks)
+    plan.allocation = allocation
+    return plan
 
 
 def compress(model: Whisper, audio: list, config: CompressConfig = CompressConfig(), ids: list[str] | None = None,
@@ -80,26 +87,23 @@ def compress(model: Whisper, audio: list, config: CompressConfig = CompressConfi
     """
     _check_clips(audio)
     teacher = copy.deepcopy(model) if config.recover_steps else None  # the dense model, before any swap
-    if not config.sequential:
-        calib = _calibration(model, audio, config, ids, calibration)
-        plan = _plan(model, calib, audio, config)
-        apply_plan(model, calib, plan)
-    else:
-        ranks, allocation = (config.plan.ranks if config.plan else None), {}
-        if config.budget is not None:  # ranks from the dense model's statistics; factors from each prefix
-            dense = _calibration(model, audio, config, ids, calibration)
-            ranks, allocation = allocate(model, dense, _probe_mel(model, audio), config.budget)
-        plan = None
-        for i in range(len(model.encoder.layers)):
-            calib = calibrate(model, audio, _frame_policy(config), config.batch_size, config.progress, ids, layers=[i])
-            part = make_plan(model, calib, _threshold(config), ranks)
-            apply_plan(model, calib, part)
-            if plan is None:
-                plan = part
-            else:
-                plan.layers.update(part.layers)
-                plan.calibration_s += part.calibration_s
-        plan.sequential, plan.allocation = True, allocation
+    # Sequential: ranks (θ's, or a budget's from the dense statistics) then each layer's factors from
+    # statistics of the already-factored prefix, one pass per layer that stops after it.
+    dense = None if config.sequential and config.budget is None else _calibration(model, audio, config, ids,
+                                                                                   calibration)
+    ranks, allocation = _ranks(model, dense, audio, config)
+    plan = None
+    for layers in [[i] for i in range(len(model.encoder.layers))] if config.sequential else [None]:
+        calib = dense if layers is None else calibrate(model, audio, config.frame_policy, config.batch_size,
+                                                       config.progress, ids, layers)
+        part = make_plan(model, calib, config.threshold, ranks)
+        apply_plan(model, calib, part)
+        if plan is None:
+            plan = part
+        else:
+            plan.layers.update(part.layers)
+            plan.calibration_s += part.calibration_s
+    plan.sequential, plan.allocation = config.sequential, allocation
     if teacher is not None:
         plan.recovery = recover(model, teacher, audio, steps=config.recover_steps, refs=refs, progress=config.progress)
     return plan
@@ -134,13 +138,15 @@ class Report:
 
 
 def compress_with_report(model: Whisper, audio: list, config: CompressConfig = CompressConfig(),
-                         ids: list[str] | None = None, refs: list[str] | None = None) -> Report:
-    """`compress` plus the measurements around it (sizes and FLOPs before and after, time, peak memory)."""
+                         ids: list[str] | None = None, refs: list[str] | None = None,
+                         calibration: Calibration | None = None) -> Report:
+    """`compress` plus the measurements around it (sizes and FLOPs before and after, time, peak memory);
+    `calibration` as in `compress` (e.g. moments summed over Ray workers)."""
     import resource  # POSIX only: imported here so that `import liteasr` works everywhere
 
     before = footprint(model)
     start = time.perf_counter()
-    plan = compress(model, audio, config, ids=ids, refs=refs)
+    plan = compress(model, audio, config, ids=ids, refs=refs, calibration=calibration)
     seconds = round(time.perf_counter() - start, 2)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
     return Report(plan, before, footprint(model), seconds, round(peak, 1), list(ids or plan.calibration))
@@ -151,33 +157,22 @@ def _check_clips(audio: list) -> None:
         raise ValueError(f"calibration set has {len(audio)} clips; at least {MIN_CLIPS} are needed")
 
 
-def _frame_policy(config: CompressConfig) -> str:
-    return config.plan.frame_policy if config.plan else config.frame_policy  # a saved plan keeps its statistics
-
-
-def _threshold(config: CompressConfig) -> str | float | tuple[float, float]:
-    return config.plan.threshold if config.plan else config.threshold
-
-
 def _calibration(model: Whisper, audio: list, config: CompressConfig, ids: list[str] | None,
                  given: Calibration | None) -> Calibration:
     """`given` when it holds the statistics this config asks for, else a fresh pass over all layers."""
-    policy = _frame_policy(config)
     if given is None:
-        return calibrate(model, audio, policy, config.batch_size, config.progress, ids)
-    if given.frame_policy != policy:
-        raise ValueError(f"the given calibration has frame policy {given.frame_policy!r}, the config {policy!r}")
+        return calibrate(model, audio, config.frame_policy, config.batch_size, config.progress, ids)
+    if given.frame_policy != config.frame_policy:
+        raise ValueError(f"the given calibration has frame policy {given.frame_policy!r}, "
+                         f"the config {config.frame_policy!r}")
     return given
 
 
-def _plan(model: Whisper, calib: Calibration, audio: list, config: CompressConfig) -> Plan:
-    """Ranks from θ, from the config's plan, or from a budget (allocate.py), on one calibration."""
-    ranks, allocation = (config.plan.ranks if config.plan else None), {}
-    if config.budget is not None:
-        ranks, allocation = allocate(model, calib, _probe_mel(model, audio), config.budget)
-    plan = make_plan(model, calib, _threshold(config), ranks)
-    plan.allocation = allocation
-    return plan
+def _ranks(model: Whisper, calib: Calibration | None, audio: list, config: CompressConfig) -> tuple[dict | None, dict]:
+    """(ranks, allocation report): a budget's (allocate.py), the config's plan's, or None (θ decides per layer)."""
+    if config.budget is None:
+        return (config.plan.ranks if config.plan else None), {}
+    return allocate(model, calib, _probe_mel(model, audio), config.budget)
 
 
 def _probe_mel(model: Whisper, audio: list, n: int = 4):

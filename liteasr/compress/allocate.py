@@ -59,6 +59,13 @@ class Option:
     err: float
 
 
+def explained(cov: Tensor) -> list[float]:
+    """Cumulative explained variance of a covariance (d, d): entry k − 1 is the fraction the top k
+    principal directions explain."""
+    lam = torch.linalg.eigvalsh(cov).flip(0).clamp(min=0)  # descending
+    return (lam.cumsum(0) / lam.sum().clamp(min=1e-30)).tolist()
+
+
 @torch.no_grad()
 def sensitivities(model: Whisper, calib: Calibration, mel: Tensor, probe: float = 0.99) -> dict[str, float]:
     """s_l per encoder linear: relative output MSE per unit discarded variance when layer l alone is
@@ -68,8 +75,7 @@ def sensitivities(model: Whisper, calib: Calibration, mel: Tensor, probe: float 
     out = {}
     for name, layer in encoder_linears(model).items():
         mean, cov = calib.output_moments(name, layer)
-        lam = torch.linalg.eigvalsh(cov).flip(0).clamp(min=0)
-        cum = (lam.cumsum(0) / lam.sum().clamp(min=1e-30)).tolist()
+        cum = explained(cov)
         # the probe rank: the multiple of 16 that explains `probe`, leaving at least 16 directions out
         k = next((k for k in range(16, len(cum) - 15, 16) if cum[k - 1] > probe), max(16, len(cum) - 16))
         discarded = 1.0 - cum[k - 1]
@@ -157,11 +163,7 @@ def allocate(model: Whisper, calib: Calibration, mel: Tensor, budget: Budget,
     plus the measured time of everything that is not a compressible linear."""
     linears = encoder_linears(model)
     shapes = {name: tuple(reversed(dense_weight(m)[0].shape)) for name, m in linears.items()}  # (d_in, d_out)
-    curves = {}
-    for name, m in linears.items():
-        lam = torch.linalg.eigvalsh(calib.output_moments(name, m)[1]).flip(0).clamp(min=0)
-        cum = (lam.cumsum(0) / lam.sum().clamp(min=1e-30)).tolist()
-        curves[name] = [cum[k - 1] for k in range(16, len(cum) + 1, 16)]
+    curves = {name: explained(calib.output_moments(name, m)[1])[15::16] for name, m in linears.items()}  # k = 16, 32, …
     weights = sensitivities(model, calib, mel)
     report: dict = {"sensitivity": weights}
     if budget.kind != "latency_ms":

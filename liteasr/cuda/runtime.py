@@ -14,13 +14,17 @@ Encoder (`fast_encoder`, `EncoderRunner`):
   or `torch.compile` fusing LayerNorm / GELU / residual adds; linears in FP8 E4M3 with `fp8`
   (liteasr.cuda.fp8); `EncoderRunner` captures one CUDA graph per input shape.
 
-Decoder (`DecoderRunner`): one greedy decode step — embedding, every layer against a static
+Decoder (`DecoderRunner`): one decode step — embedding, every layer against a static
 448-slot KV cache under a mask (TextDecoder's Tensor-offset path), logits, Whisper's suppression
-and timestamp rules, argmax, log-probability, bookkeeping — captured in one CUDA graph per batch
-size, optionally with the decoder forward compiled first (`compile_decoder`). Token selection stays
-on the device; the host replays the graph and looks at the all-finished flag once per chunk of
-steps, one chunk behind, so no step waits for the host. The token rules are liteasr.decoding's
-`select_tokens`, the same code the eager reference runs.
+and timestamp rules, then the selection: argmax, a seeded sample (counter-based Gumbel noise: no
+generator state in the graph) or openai-whisper's beam update followed by the reorder of the
+static self-attention cache by beam (index_select + copy back into the same buffers) — captured in
+one CUDA graph per (batch size, rules, search). Token selection and the beam bookkeeping stay on the
+device; the host replays the graph and looks at the all-finished flag once per chunk of steps, one
+chunk behind, so no step waits for the host. The token rules and selections are liteasr.decoding's
+(`select_tokens`, `beam_select`), the same code the eager reference runs; the temperature fallback
+(liteasr.decoding.decode_with_fallback) re-runs only the failing windows through the same graphs. With
+`compile_decoder` the decoder forward is compiled before capture.
 
 `CudaRuntime` owns all of it for one model: the caller builds it explicitly and passes it wherever a model is taken
 (`liteasr.transcribe(runtime, …)`); it holds no global state, so a server can keep one per model and
@@ -38,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..decoding import (DecodingOptions, DecodingResult, GreedyState, RuleTensors, TokenRules, decode,
-                        decode_features, select_tokens)
+from ..decoding import (BeamState, DecodingOptions, DecodingResult, GreedyState, RuleTensors, Search, TokenRules,
+                        beam_select, decode, decode_features, detect_language, finish_beams, select_tokens)
 from ..model import Attention, AudioEncoder, KVCache, LowRankLinear, TextDecoder, Whisper
 from .kernels import lowrank_attention_wins
 
@@ -381,6 +385,8 @@ class DecoderRunner:
         self.n_ctx = decoder.embed_positions.num_embeddings
         self.caches: dict[int, KVCache] = {}
         self.states: dict[int, GreedyState] = {}
+        self.beam_states: dict[tuple, BeamState] = {}
+        self.samples: dict[tuple, Tensor] = {}
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, RuleTensors]] = {}
         self.rule_tensors: dict[tuple, RuleTensors] = {}
         self.pool = None
@@ -424,6 +430,20 @@ class DecoderRunner:
             self.states[batch] = GreedyState(batch, self.n_ctx, device)
         return self.states[batch]
 
+    def beam_state(self, batch: int, search: Search, device: torch.device) -> BeamState:
+        key = (batch, search.group, search.max_candidates)
+        if key not in self.beam_states:
+            self.beam_states[key] = BeamState(batch // search.group, search.group, search.max_candidates, self.n_ctx,
+                                              device)
+        return self.beam_states[key]
+
+    def _sample(self, batch: int, group: int, device: torch.device) -> Tensor:
+        """Each row's sample number within its window (B,): a persistent buffer, since captured graphs read it."""
+        key = (batch, group, str(device))
+        if key not in self.samples:
+            self.samples[key] = torch.arange(batch, device=device) % group
+        return self.samples[key]
+
     def _rules(self, rules: TokenRules, device: torch.device) -> RuleTensors:
         key = (rules, str(device))
         if key not in self.rule_tensors:
@@ -431,25 +451,40 @@ class DecoderRunner:
         return self.rule_tensors[key]
 
     # the step ---------------------------------------------------------------------------------
-    def _step(self, cache: KVCache, st: GreedyState, r: RuleTensors) -> None:
+    def _step(self, cache: KVCache, st: GreedyState, r: RuleTensors, search: Search, sample: Tensor,
+              bs: BeamState | None) -> None:
         with compile_scope():
             logits = self.forward(st.tokens, cache, st.offset)[:, -1]  # (B, V) float32; Tensor offset: static shapes
-        select_tokens(logits, st, r, first=False)
+        if bs is None:
+            select_tokens(logits, st, r, False, search, sample)
+            return
+        src = beam_select(logits, st, bs, r, first=False)  # (B,) on the device: no host round trip
+        self._reorder(cache, src)
 
-    def _graph(self, cache: KVCache, st: GreedyState, r: RuleTensors) -> torch.cuda.CUDAGraph:
+    @staticmethod
+    def _reorder(cache: KVCache, src: Tensor) -> None:
+        """The static self-attention cache follows the beams: rows gathered by src (B,) and written back in place
+        (the captured graph keeps reading the same buffers). Whole buffers: the filled length is not static."""
+        for kv in (cache.self_k, cache.self_v):
+            for t in kv:
+                t.copy_(t.index_select(0, src))
+
+    def _graph(self, cache: KVCache, st: GreedyState, r: RuleTensors, search: Search, sample: Tensor,
+               bs: BeamState | None) -> torch.cuda.CUDAGraph:
         b = st.tokens.shape[0]
-        key = (b, r.rules)
+        key = (b, r.rules, search)
         if key not in self.graphs:
             # Warm-up on a side stream (as capture requires) runs real steps: park them in the last slots of the
-            # self cache (never read before their own step rewrites them) so the prompt's keys/values survive;
-            # callers reset the state afterwards.
+            # self cache (never read before their own step rewrites them) so the prompt's keys/values survive
+            # (a beam reorder only permutes the rows of one window, which hold the same prompt); callers reset
+            # the state afterwards.
             st.offset.fill_(self.n_ctx - 3)
             st.step.zero_()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._step(cache, st, r)
+                    self._step(cache, st, r, search, sample, bs)
             torch.cuda.current_stream().wait_stream(stream)
             if self.pool is None:
                 # one memory pool for every graph of this runner: they never run concurrently, and all of
@@ -457,28 +492,47 @@ class DecoderRunner:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self._step(cache, st, r)
+                self._step(cache, st, r, search, sample, bs)
             self.graphs[key] = (graph, r)
         return self.graphs[key][0]
 
     @torch.inference_mode()
     def greedy(self, cache: KVCache, prompt_logits: Tensor, prompt_len: int, rules: TokenRules,
-               max_new: int) -> tuple[list[list[int]], list[float]]:
-        """Greedy tokens after a prompt already run through the decoder into `cache` (from `self.cache`).
+               max_new: int, search: Search = Search()) -> tuple[list[list[int]], list[float]]:
+        """Greedy (or seeded sampling) tokens after a prompt already run through the decoder into `cache` (from
+        `self.cache`). prompt_logits (B, V) float32: the logits at the prompt's last position; rows are
+        search.group samples per window. Returns per row the selected tokens up to and including the first
+        <|endoftext|> (at most max_new) and their summed log-probability — what liteasr.decoding.greedy returns."""
+        st, _ = self._run(cache, prompt_logits, prompt_len, rules, max_new, search)
+        return st.tokens_per_row(rules.eot), st.sum_logprob.tolist()
 
-        prompt_logits (B, V) float32: the logits at the prompt's last position. Returns per row the selected
-        tokens up to and including the first <|endoftext|> (at most max_new) and the summed log-probability of
-        those tokens — what liteasr.decoding.decode collects."""
+    @torch.inference_mode()
+    def beam_search(self, cache: KVCache, prompt_logits: Tensor, prompt_len: int, rules: TokenRules,
+                    max_new: int, search: Search) -> list[list[tuple[list[int], float]]]:
+        """Beam search after a prompt run into `cache`, rows = windows × search.group beams (window-major): the
+        step, beam update and cache reorder replay from one graph. Returns what liteasr.decoding.beam_search
+        returns: per window its hypotheses (tokens, score)."""
+        st, bs = self._run(cache, prompt_logits, prompt_len, rules, max_new, search)
+        return finish_beams(bs, st)
+
+    def _run(self, cache: KVCache, prompt_logits: Tensor, prompt_len: int, rules: TokenRules, max_new: int,
+             search: Search) -> tuple[GreedyState, BeamState | None]:
         b = prompt_logits.shape[0]
         device = prompt_logits.device
         st = self.state(b, device)
+        bs = self.beam_state(b, search, device) if search.beam else None
         r = self._rules(rules, device)
-        max_new = min(max_new, self.n_ctx - prompt_len)
-        graph = self._graph(cache, st, r) if self.use_graphs else None
+        sample = self._sample(b, search.group, device)
+        max_new = min(max_new, self.n_ctx - prompt_len + 1)
+        graph = self._graph(cache, st, r, search, sample, bs) if self.use_graphs else None
         st.reset(prompt_len)
         # after a graph's warm-up the self cache holds junk at positions >= prompt_len: every one of them is
         # written by its own step before any query can see it (the mask hides later slots)
-        select_tokens(prompt_logits.clone(), st, r, first=True)
+        if bs is not None:
+            bs.reset()
+            self._reorder(cache, beam_select(prompt_logits.clone(), st, bs, r, first=True))
+        else:
+            select_tokens(prompt_logits.clone(), st, r, True, search, sample)
         steps = 1
         if max_new > 1 and not bool(st.done.all()):
             # The all-finished flag of the previous chunk, copied to the host without waiting: the host looks at
@@ -490,7 +544,7 @@ class DecoderRunner:
                     if graph is not None:
                         graph.replay()
                     else:
-                        self._step(cache, st, r)
+                        self._step(cache, st, r, search, sample, bs)
                 steps += n
                 if pending is not None:
                     flag, event = pending
@@ -506,10 +560,9 @@ class DecoderRunner:
                     pending = (flag, event)
                 else:
                     pending = (st.done.all(), None)
-            # the extra chunk (at most check_every steps) after everyone finished only writes ignored history
-        return st.tokens_per_row(rules.eot), st.sum_logprob.tolist()
-
-
+            # the extra chunk (at most check_every steps) after everyone finished only writes ignored history, and
+            # for beams changes nothing: a finished window's candidate set is full
+        return st, bs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -608,33 +661,52 @@ class CudaRuntime:
 
     @torch.inference_mode()
     def decode_fast(self, mel: Tensor, options: DecodingOptions = DecodingOptions(),
-                    languages: list[str | None] | None = None) -> list[DecodingResult]:
+                    languages: list[str | None] | None = None,
+                    prompts: list[list[int]] | None = None) -> list[DecodingResult]:
         """liteasr.decoding.decode's steps with the fast encoder and the graph-captured decode step (raises on a
         capture or compile failure; `decode` falls back instead)."""
         mel = mel.to(next(self.model.parameters()).dtype)
-        audio_features = self.encode(mel)  # (B, 1500, d)
-        cache = self.decoder.cache(audio_features)
-
-        def loop(prompt_logits: Tensor, prompt_len: int, rules: TokenRules, max_new: int):
-            return self.decoder.greedy(cache, prompt_logits, prompt_len, rules, max_new)
-
-        return decode_features(self.model, audio_features, cache, options, languages, loop)
+        audio_features = self.encode(mel).clone()  # (B, 1500, d); a copy: the graph's buffer is reused
+        languages = languages if languages is not None else [options.language] * mel.shape[0]
+        return decode_features(self.model, _GraphEngine(self, audio_features), options, languages, prompts,
+                               lambda: detect_language(self.model, audio_features)[0])
 
     def decode(self, mel: Tensor, options: DecodingOptions = DecodingOptions(),
-               languages: list[str | None] | None = None) -> list[DecodingResult]:
-        """Greedy-decode windows mel (B, n_mels, 3000): the same results as liteasr.decoding.decode (the fused
-        encoder's output differs from the reference in rounding only)."""
+               languages: list[str | None] | None = None,
+               prompts: list[list[int]] | None = None) -> list[DecodingResult]:
+        """Decode windows mel (B, n_mels, 3000) with the search and fallback of `options`: the same results as
+        liteasr.decoding.decode (the fused encoder's output differs from the reference in rounding only)."""
         if self.failure is None:
             try:
-                return self.decode_fast(mel, options, languages)
+                return self.decode_fast(mel, options, languages, prompts)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # capture or compile failures
                 self.failure = f"{type(e).__name__}: {e}"
         warnings.warn(f"liteasr: the CUDA fast path failed ({self.failure}); decoding with the eager reference "
                       "instead (much slower)", RuntimeWarning, stacklevel=2)
-        return decode(self.model, mel, options, languages)
+        return decode(self.model, mel, options, languages, prompts)
 
     def transcribe(self, audio, **options):
         """`liteasr.transcribe.transcribe` through this runtime."""
         from ..transcribe import transcribe
 
         return transcribe(self, audio, **options)
+
+
+class _GraphEngine:
+    """liteasr.decoding's Engine on a CudaRuntime: the runner's static cache for each pass (rows × samples or
+    beams), the prompt through model.py's decoder, the search replayed from the runner's graphs."""
+
+    def __init__(self, runtime: CudaRuntime, audio_features: Tensor) -> None:
+        self.rt, self.features = runtime, audio_features  # (B, S, d)
+        self.cache: KVCache | None = None
+
+    def prefill(self, rows: list[int], repeat: int, tokens: Tensor) -> Tensor:
+        idx = torch.tensor(rows, device=self.features.device).repeat_interleave(repeat)
+        self.cache = self.rt.decoder.cache(self.features[idx])
+        return self.rt.model.decoder(tokens.to(self.features.device), self.cache)
+
+    def greedy(self, prompt_logits, prompt_len, rules, max_new, search):
+        return self.rt.decoder.greedy(self.cache, prompt_logits, prompt_len, rules, max_new, search)
+
+    def beam_search(self, prompt_logits, prompt_len, rules, max_new, search):
+        return self.rt.decoder.beam_search(self.cache, prompt_logits, prompt_len, rules, max_new, search)
