@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 nvidia-smi --query-gpu=name,clocks.sm,memory.used --format=csv | tee $OUT/gpu.txt
-PARTS=$(ls -d .gpu/p*)
+PARTS=$(echo .gpu/p*)
 python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from serve_load import open_bundle; from pathlib import Path; \
 print(open_bundle(Path('.gpu/serve'), [Path(p) for p in '$PARTS'.split()]))" || exit 1
 M=.gpu/serve/model
