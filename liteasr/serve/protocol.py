@@ -8,7 +8,7 @@ TranscriptionVerbose, TranscriptionSegment, TranscriptionWord, TranscriptionText
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from ..transcribe import TranscribeOptions, render
 
@@ -48,25 +48,15 @@ class AudioRequest:
     stream: bool
 
     def transcribe_options(self) -> TranscribeOptions:
-        """The TranscribeOptions this request decodes with. srt, vtt and verbose_json need timestamped segments,
-        as `liteasr transcribe -f srt` decodes them; json and text decode as `liteasr transcribe` does."""
+        """The TranscribeOptions this request decodes with: transcribe()'s defaults (greedy, temperature fallback)
+        and what the request sets. srt, vtt and verbose_json need timestamped segments (`-f srt` decodes them so
+        too); json and text get timestamps only for audio longer than one window, as transcribe() does."""
         timestamps = True if self.response_format in ("srt", "vtt", "verbose_json") else None
-        # Only what the request sets is passed: an absent or zero temperature keeps the library's default
-        # (OpenAI's 0 means "raise the temperature when decoding fails", which is what a fallback chain does).
-        extra = {}
-        if self.prompt:
-            extra["initial_prompt"] = self.prompt
-        if self.temperature > 0:
-            extra["temperature"] = self.temperature
-        if "word" in self.granularities:
-            extra["word_timestamps"] = True
-        supported = {f.name for f in fields(TranscribeOptions)}
-        for name in extra:  # options the decoder of this build does not know are refused, not ignored
-            if name not in supported:
-                param = {"initial_prompt": "prompt", "word_timestamps": "timestamp_granularities[]"}.get(name, name)
-                raise bad_field(param, f"{param}: not supported by this liteasr build (greedy decoding only)",
-                                "unsupported_value")
-        return TranscribeOptions(language=self.language, task=self.task, timestamps=timestamps, **extra)
+        # An absent or zero temperature keeps the library's fallback chain (OpenAI's 0 means "raise the
+        # temperature when decoding fails", which is what the chain does); above 0 it samples at that one.
+        extra = {"temperature": self.temperature} if self.temperature > 0 else {}
+        return TranscribeOptions(language=self.language, task=self.task, timestamps=timestamps,
+                                 initial_prompt=self.prompt, word_timestamps="word" in self.granularities, **extra)
 
 
 def parse_fields(form, task: str) -> AudioRequest:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..transcribe import Job, TranscribeOptions, Window, compression_ratio, decode_windows
+from ..transcribe import Job, TranscribeOptions, Window, decode_windows
 
 
 @dataclass(frozen=True)
@@ -247,15 +247,10 @@ class Scheduler:
             self.metrics.depth(len(self._incoming), len(self._active))
 
     def _advance(self, req: Request, result, now: float, batch_start: float) -> None:
-        seek = req.job.seek
         try:
-            segments = req.job.advance(result)
-        except Exception as e:
+            segments = req.job.advance(result)  # openai-whisper's segment schema, words when asked for
+        except Exception as e:  # e.g. word alignment failing on this window: this request only
             return self._finish(req, "error", e)
-        for seg in segments:  # what OpenAI's verbose_json segments carry beyond liteasr's own
-            seg.setdefault("seek", seek)
-            seg.setdefault("temperature", getattr(result, "temperature", 0.0))
-            seg.setdefault("compression_ratio", compression_ratio(result.text))
         if segments:
             req.post("segments", segments)
         # The next window has waited since this batch started (it could not start earlier): a continuation
