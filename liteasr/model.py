@@ -233,8 +233,12 @@ class TextDecoder(nn.Module):
         x = self.embed_tokens(tokens) + self.embed_positions(pos)
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i, pos, mask, n_keys)
-        x = self.layer_norm(x)
-        return (x @ self.embed_tokens.weight.T).float()  # output projection tied to the embedding
+        return self.logits(self.layer_norm(x))
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x (B, T, d) after the final LayerNorm -> logits (B, T, vocab) float32: the output projection, tied to
+        the token embedding (quantized copies override this: liteasr.quantize)."""
+        return (x @ self.embed_tokens.weight.T).float()
 
 
 class Whisper(nn.Module):

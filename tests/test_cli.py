@@ -58,9 +58,18 @@ def second_path(check_clips) -> Path:
 def test_transcribe_prints_text(tiny_en, jfk_path):
     proc = run_cli("transcribe", jfk_path, "--no-progress")  # default model: tiny.en by name
     assert proc.returncode == 0, proc.stderr
-    expected = tiny_en.transcribe(str(jfk_path))["text"]
+    expected = tiny_en.transcribe(str(jfk_path), beam_size=5, best_of=5)["text"]  # the CLI's decoding defaults
     assert proc.stdout.strip() == expected
     assert "ask not what your country can do for you" in expected.lower()
+
+
+def test_transcribe_int8(tiny_en, jfk_path):
+    """--int8 runs liteasr.quantize.int8_model's copy: the same words as the float32 model on JFK."""
+    from liteasr.eval import normalize
+
+    proc = run_cli("transcribe", jfk_path, "--no-progress", "--int8")
+    assert proc.returncode == 0, proc.stderr
+    assert normalize(proc.stdout) == normalize(tiny_en.transcribe(str(jfk_path))["text"])
 
 
 def test_all_formats_written(hf_dir_tiny, jfk_path, second_path, tmp_path):

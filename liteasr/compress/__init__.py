@@ -138,13 +138,15 @@ class Report:
 
 
 def compress_with_report(model: Whisper, audio: list, config: CompressConfig = CompressConfig(),
-                         ids: list[str] | None = None, refs: list[str] | None = None) -> Report:
-    """`compress` plus the measurements around it (sizes and FLOPs before and after, time, peak memory)."""
+                         ids: list[str] | None = None, refs: list[str] | None = None,
+                         calibration: Calibration | None = None) -> Report:
+    """`compress` plus the measurements around it (sizes and FLOPs before and after, time, peak memory);
+    `calibration` as in `compress` (e.g. moments summed over Ray workers)."""
     import resource  # POSIX only: imported here so that `import liteasr` works everywhere
 
     before = footprint(model)
     start = time.perf_counter()
-    plan = compress(model, audio, config, ids=ids, refs=refs)
+    plan = compress(model, audio, config, ids=ids, refs=refs, calibration=calibration)
     seconds = round(time.perf_counter() - start, 2)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
     return Report(plan, before, footprint(model), seconds, round(peak, 1), list(ids or plan.calibration))
