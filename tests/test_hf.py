@@ -325,7 +325,7 @@ _FRESH = textwrap.dedent("""
 
 def test_export_loads_without_liteasr(published_dir, lite_tiny, jfk_mel, tmp_path):
     out = tmp_path / "exported"
-    cli_main(["export-hf", str(out), "--model", str(published_dir), "--save-dtype", "float32",
+    cli_main(["export-hf", "-o", str(out), "--model", str(published_dir), "--save-dtype", "float32",
               "--base-model", "openai/whisper-tiny.en"])
     names = sorted(p.name for p in out.iterdir())
     assert names == ["README.md", "config.json", "configuration_lite_whisper.py", "generation_config.json",
