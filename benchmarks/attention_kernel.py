@@ -1,4 +1,4 @@
-"""Attention in the reduced dimension (liteasr.kernels) against SDPA on dense q/k/v, on one CUDA GPU.
+"""Attention in the reduced dimension (liteasr.cuda.kernels) against SDPA on dense q/k/v, on one CUDA GPU.
 
 Whisper large-v3 encoder self-attention (d = 1280, H = 20, d_h = 64, T = 1500) with factored q/k/v at
 r_q = r_k = r_v = r. For each rank and batch: a correctness check against the float64 reference first, then the
@@ -6,7 +6,7 @@ median time (triton.testing.do_bench) of
   sdpa       SDPA, flash backend, on dense q/k/v (B, H, T, d_h): the attention core alone;
   dense      what model.Attention does after the down-projections X A_*: the up-projections x_* B_* + b_*, the
              head split, SDPA (default backend) and the head merge;
-  lowrank    liteasr.kernels.lowrank_attention: the Q' GEMM, the Triton kernel and the B_v^h projection, which
+  lowrank    liteasr.cuda.kernels.lowrank_attention: the Q' GEMM, the Triton kernel and the B_v^h projection, which
              together replace `dense`;
   core       the Triton kernel alone, O' = softmax(Q' K'ᵀ) V';
   reference  lowrank_attention_reference in the same dtype.
@@ -28,7 +28,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from liteasr import kernels  # noqa: E402
+from liteasr.cuda import kernels  # noqa: E402
 from liteasr.model import Attention  # noqa: E402
 
 D, H, T = 1280, 20, 1500

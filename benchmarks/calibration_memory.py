@@ -7,7 +7,7 @@
 Builds liteasr's Whisper with large-v3 encoder shapes (32 layers, d 1280, 20 heads, ffn 5120,
 128 mels; random weights: the statistics' size and the memory do not depend on the values) in
 float32 on the CPU, measures the resident set size after the weights exist, then runs
-`liteasr.calibrate.calibrate` over `--clips` calibration clips while a thread samples the RSS every
+`liteasr.compress.calibrate` over `--clips` calibration clips while a thread samples the RSS every
 20 ms. Reported: peak RSS beyond the weights, the size of the float64 statistics, and the time.
 Issue 3 asks for < 4 GB beyond the weights on 100 clips (the reference implementation stores every
 activation: ~110 GB).
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from liteasr.calibrate import calibrate, select_calibration
+from liteasr.compress import calibrate, select_calibration
 from liteasr.model import Dims, Whisper
 
 LARGE_V3 = Dims(num_mel_bins=128, vocab_size=51866, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--pack", default=None, help="decode the chosen clips into this .npz and stop")
     ap.add_argument("--clips", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--frames", default="audio", choices=["audio", "all"])
+    ap.add_argument("--frame-policy", default="audio", choices=["audio", "all"])
     ap.add_argument("--output", default=None, help="JSON report (default: $OUT/calibration_memory.json or out/)")
     args = ap.parse_args()
 
@@ -86,7 +86,7 @@ def main() -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    calib = calibrate(model, paths, frames=args.frames, batch_size=args.batch_size, progress=True, ids=ids)
+    calib = calibrate(model, paths, frame_policy=args.frame_policy, batch_size=args.batch_size, progress=True, ids=ids)
     seconds = time.perf_counter() - t0
     running[0] = False
     sampler.join()
@@ -94,7 +94,7 @@ def main() -> None:
 
     gib = 2 ** 30
     report = {"model": "large-v3 encoder shapes, random weights, float32", "clips": len(paths),
-              "batch_size": args.batch_size, "frames": args.frames, "threads": torch.get_num_threads(),
+              "batch_size": args.batch_size, "frame_policy": args.frame_policy, "threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "weights_gib": weights / gib, "encoder_weights_gib": encoder_weights / gib,
               "rss_after_weights_gib": base / gib, "peak_rss_gib": peak[0] / gib,
               "peak_beyond_weights_gib": (peak[0] - base) / gib, "statistics_gib": calib.nbytes / gib,

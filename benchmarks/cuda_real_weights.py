@@ -15,7 +15,7 @@ asserts), copies the model directory into the bundle and records, per clip, the 
 CPU path (fp32, `model.transcribe`, batch 8). `check` loads the same model
 on CUDA and transcribes the same arrays three ways: the fast path (fused encoder + CUDA-graph
 decoder) in float32 with TF32 off, the fast path in float16, and the eager reference
-(`LITEASR_RUNTIME=eager`) in float16. It prints, per way, how many transcripts equal the CPU
+(the model itself rather than a CudaRuntime) in float16. It prints, per way, how many transcripts equal the CPU
 path's, every differing pair, the corpus WER of both against the human transcripts (where jiwer
 is installed; `wer` recomputes it here from the JSON) and the wall time. The model file may travel in byte ranges (`--split-mib`): `check` joins
 model.safetensors.partN back in order and verifies its SHA-256.
@@ -154,8 +154,10 @@ def check(args) -> None:
             ("cuda fast path, float16", torch.float16, ""),
             ("cuda eager reference, float16", torch.float16, "eager")]
     for name, dtype, runtime in ways:
-        os.environ["LITEASR_RUNTIME"] = runtime
+        from liteasr.cuda import CudaRuntime
+
         model = liteasr.load_model(bundle / "model", "cuda", dtype)
+        model = model if runtime == "eager" else CudaRuntime(model)
         model.transcribe(arrays[:8], batch_size=8)  # warm-up: builds the runtime and captures its graphs
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -171,7 +173,6 @@ def check(args) -> None:
             print(f"   {d['id']}\n     cpu : {d['cpu']}\n     cuda: {d['cuda']}")
         del model
         torch.cuda.empty_cache()
-    os.environ.pop("LITEASR_RUNTIME", None)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, ensure_ascii=False))
 

@@ -1,6 +1,6 @@
 """Which encoder runtime settings are fastest on this GPU: attention kernels (SDPA flash / cuDNN / efficient),
 torch.compile modes, fp16 vs bf16 — for liteasr dense and compressed encoders (large-v3 shapes, random weights),
-each replayed from a CUDA graph (liteasr.runtime.EncoderRunner). One run, side by side:
+each replayed from a CUDA graph (liteasr.cuda.runtime.EncoderRunner). One run, side by side:
 
     python3 benchmarks/encoder_variants_gpu.py --profiles .gpu/large-v3-rank-profiles.json --batch-size 1 8
 
@@ -16,8 +16,10 @@ import time
 
 import torch
 
-from liteasr.bench import cuda_time, encoder_flops, load_profiles, matmul_ceiling, random_model, rel_err
-from liteasr.runtime import EncoderRunner, fast_encoder
+from gpu_bench import cuda_time, load_profiles, matmul_ceiling, random_model, rel_err
+
+from liteasr.bench import encoder_flops
+from liteasr.cuda.runtime import EncoderRunner, fast_encoder
 
 
 def sdpa_table(batch_sizes: list[int], dtype: torch.dtype) -> dict[str, float]:

@@ -4,7 +4,7 @@
 
 Steps:
 1. compress `--model` with LiteASR (`--preset`, calibration clips chosen from speech-dev by
-   `liteasr.calibrate.select_calibration`), save it in the lite-whisper layout (float32) and export a
+   `liteasr.compress.select_calibration`), save it in the lite-whisper layout (float32) and export a
    remote-code copy (`liteasr.hf.export`);
 2. transcribe `--clips` speech-dev clips that were *not* used for calibration (evenly spaced over the
    id-sorted rest, so every domain is in) through
@@ -77,7 +77,7 @@ def main() -> None:
 
     import liteasr
     from liteasr.audio import load_audio
-    from liteasr.calibrate import select_calibration
+    from liteasr.compress import CompressConfig, select_calibration
     from liteasr.eval import read_manifest, score
     from liteasr.hf import export
     from transformers import pipeline
@@ -95,7 +95,7 @@ def main() -> None:
 
     model = liteasr.load_model(args.model, "cpu", torch.float32)
     t = time.perf_counter()
-    plan = liteasr.compress(model, paths, threshold=args.preset, progress=False, ids=cal_ids)
+    plan = liteasr.compress(model, paths, CompressConfig(threshold=args.preset, progress=False), ids=cal_ids)
     compress_s = time.perf_counter() - t
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/mlx_latency.py                  # base; presets b and c; 32 speech-dev clips
 
-One calibration pass serves every preset: `liteasr.compress.compress` is calibrate -> make_plan ->
+One calibration pass serves every preset: `liteasr.compress` is calibrate -> make_plan ->
 apply_plan, and only the plan depends on the threshold. Each model is timed per 30-s window
 (batch 1): one warm-up call, then the median of --repeats calls (liteasr.bench.encoder_latency on
 PyTorch, liteasr.mlx.encoder_latency on MLX, which mx.eval-synchronises). In parentheses: the
@@ -23,8 +23,8 @@ import torch
 import liteasr
 import liteasr.mlx
 from liteasr.bench import encoder_latency
-from liteasr.calibrate import calibrate, select_calibration
-from liteasr.compress import PRESETS, apply_plan, encoder_size, make_plan
+from liteasr.compress import apply_plan, calibrate, footprint, make_plan, select_calibration
+from liteasr.compress.plan import PRESETS
 
 SPEECH_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "speech-dev" / "manifest.jsonl"
 
@@ -71,7 +71,7 @@ def main() -> None:
                 ms = liteasr.mlx.encoder_latency(liteasr.mlx.from_torch(m, args.mlx_dtype), 1, args.repeats)
             dense_ms.setdefault(backend, ms)
             cells.append(f"{ms:.0f} ({dense_ms[backend] / ms:.2f}x)")
-        params = encoder_size(m)["encoder_params"] / 1e6
+        params = footprint(m)["encoder_params"] / 1e6
         print(f"| {args.model} {label} | {params:.1f} M | " + " | ".join(cells) + " |", flush=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 

@@ -15,8 +15,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from liteasr.bench import bench_rules, load_profiles, random_model
-from liteasr.runtime import CudaRuntime, fast_encoder
+from gpu_bench import bench_rules, load_profiles, random_model
+from liteasr.cuda.runtime import CudaRuntime, fast_encoder
 
 
 def category(name: str) -> str:
@@ -64,7 +64,7 @@ def main() -> None:
             del model, enc
             torch.cuda.empty_cache()
         model = random_model("large-v3-turbo", None, torch.float16)
-        rt = CudaRuntime(model, compile=False)
+        rt = CudaRuntime(model)
         for b in (1, 32):
             mel = torch.randn(b, 128, 3000, device="cuda", dtype=torch.float16)
             cache = rt.decoder.cache(rt.encode(mel))

@@ -4,7 +4,7 @@
     # here (CPU): compress exactly as the sweep did and bundle the teacher, the student's factors and the clips
     .venv/bin/python benchmarks/recover_gpu.py prepare --sweep docs/results/sweep-base --model base \\
         --target-size 0.6 --out .gpu/rec
-    # there (GPU): distil with liteasr.recover.distill, checkpoints at the given steps (fp16 factors in $OUT)
+    # there (GPU): distil with liteasr.compress.recover.distill, checkpoints at the given steps (fp16 factors in $OUT)
     PYTHONPATH=. python3 benchmarks/recover_gpu.py run --bundle .gpu/rec --teacher-dir .gpu/rect \\
         --checkpoints 100 300 1000 --out $OUT
     # here: put each checkpoint in, apply recover's keep-the-better rule on the held-out calibration
@@ -12,8 +12,8 @@
     .venv/bin/python benchmarks/recover_gpu.py judge --sweep docs/results/sweep-base --model base \\
         --bundle .gpu/rec --results DIR --json docs/results/recover-gpu-base-0.6.json
 
-`prepare` compresses with the sweep's own call (`liteasr.compress(..., target_size, sequential=True,
-frames="audio")` on the sweep's calibration clips, in the sweep's order; deterministic, so its
+`prepare` compresses with the sweep's own call (`liteasr.compress(..., CompressConfig(budget=Budget("size", f),
+sequential=True))` on the sweep's calibration clips, in the sweep's order; deterministic, so its
 step-0 held-out WER must equal the sweep's row) and keeps the starting factors in float32, from
 which `judge` rebuilds the starting point. The split is recover()'s: the first 75 % of the
 calibration clips train, the last 25 % judge (never trained on); the sweep's evaluation clips are
@@ -46,6 +46,7 @@ def _split(n: int) -> int:
 def _compressed(args):
     """(dense model, compressed copy, calibration clips) exactly as `liteasr sweep` built the point."""
     import liteasr
+    from liteasr.compress import Budget, CompressConfig
     from liteasr.eval import read_manifest
 
     sweep = json.loads((Path(args.sweep) / "sweep.json").read_text())
@@ -54,8 +55,8 @@ def _compressed(args):
     clips = [clips[i] for i in ids]
     dense = liteasr.load_model(args.model, "cpu", torch.float32)
     student = copy.deepcopy(dense)
-    liteasr.compress(student, [str(c.audio) for c in clips], target_size=args.target_size, sequential=True,
-                     frames="audio", progress=False)
+    config = CompressConfig(budget=Budget("size", args.target_size), sequential=True, progress=False)
+    liteasr.compress(student, [str(c.audio) for c in clips], config)
     return dense, student, clips, sweep
 
 
@@ -92,7 +93,7 @@ def run(args) -> None:
     from safetensors.torch import load_file, save_file
 
     from liteasr.model import Dims, Whisper
-    from liteasr.recover import distill
+    from liteasr.compress.recover import distill
 
     bundle = Path(args.bundle)
     meta = json.loads((bundle / "meta.json").read_text())
@@ -130,8 +131,7 @@ def run(args) -> None:
 @torch.no_grad()
 def _val_loss(student, teacher, clips: list[np.ndarray]) -> float:
     """recover's loss on held-out clips, all at once: relative squared error on frames of real audio."""
-    from liteasr.audio import N_SAMPLES, log_mel_spectrogram, pad_or_trim
-    from liteasr.calibrate import encoder_frames
+    from liteasr.audio import N_SAMPLES, encoder_frames, log_mel_spectrogram, pad_or_trim
 
     dev = next(student.parameters()).device
     num = den = 0.0
@@ -165,8 +165,10 @@ def judge(args) -> None:
 
     import liteasr
     from liteasr.eval import read_manifest
-    from liteasr.recover import _wer
-    from liteasr.sweep import _eval
+    import functools
+
+    from liteasr.compress.recover import wer
+    from liteasr.eval import evaluate, transcribe_clips
 
     sweep = json.loads((Path(args.sweep) / "sweep.json").read_text())
     dense = liteasr.load_model(args.model, "cpu", torch.float32)
@@ -180,15 +182,15 @@ def judge(args) -> None:
     run_report = json.loads((Path(args.results) / "run.json").read_text())
 
     def held_out(model) -> dict:  # exactly the sweep's evaluation (language from the manifest, batch 8)
-        rep = _eval(model, ev, 8)
+        rep = evaluate(functools.partial(transcribe_clips, model, batch_size=8), ev, batch_size=8, progress=False)
         return {"wer": rep["overall"]["error_rate"]}
 
-    rows = [{"step": 0, "val_wer": _wer(student, val, val_refs), **held_out(student)}]
+    rows = [{"step": 0, "val_wer": wer(student, val, val_refs), **held_out(student)}]
     for ck in run_report["checkpoints"]:
         m = copy.deepcopy(student)
         state = {k: v.float() for k, v in load_file(str(Path(args.results) / f"step{ck['step']}.safetensors")).items()}
         m.encoder.load_state_dict(state, strict=False)
-        rows.append({"step": ck["step"], "val_loss": ck["val_loss"], "val_wer": _wer(m, val, val_refs), **held_out(m)})
+        rows.append({"step": ck["step"], "val_loss": ck["val_loss"], "val_wer": wer(m, val, val_refs), **held_out(m)})
         print(rows[-1], flush=True)
     best = min(rows, key=lambda r: (r["val_wer"], -r["step"]))  # recover's rule: never worse on the val split
     dense_wer = next(r["wer"] for r in sweep["rows"] if r["label"] == "dense")

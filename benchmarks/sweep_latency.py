@@ -25,7 +25,7 @@ import torch
 
 import liteasr
 from liteasr.model import Whisper
-from liteasr.sweep import plot, report_md, table
+from liteasr.compress.sweep import plot, report_md, table
 
 
 @torch.inference_mode()

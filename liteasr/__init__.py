@@ -10,12 +10,14 @@ import importlib.util
 import sys
 
 from .checkpoint import load_model, save
-from .compress import compress
+# `liteasr.compress` is the function (the subpackage's driver), bound after the subpackage is imported;
+# the subpackage's other names come with `from liteasr.compress import CompressConfig, Plan, ...`.
+from .compress import CompressConfig, compress
 from .model import LowRankLinear, Whisper
 from .transcribe import transcribe
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "compress", "save", "transcribe", "LowRankLinear", "Whisper", "__version__"]
+__all__ = ["load_model", "compress", "CompressConfig", "save", "transcribe", "LowRankLinear", "Whisper", "__version__"]
 
 
 def _register_transformers() -> None:

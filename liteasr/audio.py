@@ -193,3 +193,24 @@ def log_mel_spectrogram(
     peak = log_spec.amax(dim=(-2, -1), keepdim=True)
     log_spec = torch.maximum(log_spec, peak - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
+def encoder_frames(num_samples: int) -> int:
+    """Encoder positions covering `num_samples` of real audio (2 mel frames of 160 samples each), 1..1500."""
+    return min(N_FRAMES // ENCODER_STRIDE, max(1, math.ceil(num_samples / N_SAMPLES_PER_TOKEN)))
+
+
+def mel_batch(
+    clips: list, n_mels: int, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of 30-s encoder windows from clips (paths or 16-kHz float arrays), each cut or padded.
+
+    Returns (mel (B, n_mels, 3000) in ``dtype`` on ``device``, frame_mask (B, 1500) bool, True on
+    encoder frames that hold real audio rather than the zero padding). The features are computed in
+    float32 and only then cast, so a batch is the same whatever ``dtype`` asks for downstream.
+    """
+    audio = [load_audio(c) if isinstance(c, (str, os.PathLike)) else np.asarray(c, np.float32) for c in clips]
+    mel = log_mel_spectrogram(np.stack([pad_or_trim(a) for a in audio]), n_mels, device=device).to(dtype)
+    n = torch.tensor([encoder_frames(min(len(a), N_SAMPLES)) for a in audio], device=mel.device)  # (B,)
+    frame_mask = torch.arange(N_FRAMES // ENCODER_STRIDE, device=mel.device)[None, :] < n[:, None]  # (B, 1500)
+    return mel, frame_mask

@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from . import atomic
 from .model import LOW_RANK_KEYS, Dims, Whisper
 from .tokenizer import TOKENIZER_FILES, Tokenizer
 
-LITE_AUTO_MAP = {"AutoConfig": "configuration_lite_whisper.LiteWhisperConfig",
-                 "AutoModel": "modeling_lite_whisper.LiteWhisperForConditionalGeneration"}
+# The auto_map of every lite-whisper config.json liteasr writes: the published two entries plus the class
+# that pipeline() asks for. The code files it names ship only with `liteasr export-hf` (hf.py).
+AUTO_MAP = {"AutoConfig": "configuration_lite_whisper.LiteWhisperConfig",
+            "AutoModel": "modeling_lite_whisper.LiteWhisperForConditionalGeneration",
+            "AutoModelForSpeechSeq2Seq": "modeling_lite_whisper.LiteWhisperForConditionalGeneration"}
 # Tokenizer source per vocabulary size, for checkpoints published without tokenizer files.
 FAMILY_TOKENIZER = {51864: "openai/whisper-tiny.en", 51865: "openai/whisper-base", 51866: "openai/whisper-large-v3"}
 
@@ -84,10 +86,12 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | torch.
         arch, hf_sd, ct2_config = load_ct2(path)
         config = hf_config(Dims(**arch), Tokenizer.from_dir(path, ct2_config.get("suppress_ids")))
         suppress = ct2_config.get("suppress_ids")
+        # CTranslate2 keeps the alignment heads in config.json; in HF layouts they are a generation_config field
+        gen = {"alignment_heads": ct2_config["alignment_heads"]} if ct2_config.get("alignment_heads") else {}
     elif (path / "config.json").is_file():
-        config = _read_json(path / "config.json")
+        config = read_json(path / "config.json")
         hf_sd = _read_safetensors(path)
-        gen = _read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
+        gen = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
         suppress = gen.get("suppress_tokens") or config.get("suppress_tokens")
     else:
         raise ValueError(f"{path}: not a Whisper checkpoint (no config.json, model.bin or model.bin.part1)")
@@ -98,11 +102,13 @@ def load_model(name_or_path: str | os.PathLike = "tiny.en", device: str | torch.
     _check_state_dict(model, from_hf_names(hf_sd), path)
     model.load_state_dict({k: v.to(dtype) for k, v in from_hf_names(hf_sd).items()}, assign=True)
     model.config = config
+    model.generation_config = gen  # read by alignment.alignment_heads
     model.tokenizer = Tokenizer.from_dir(_tokenizer_dir(path, dims.vocab_size), suppress)
     return model.to(device).eval()
 
 
-def _read_json(file: Path) -> dict:
+def read_json(file: Path) -> dict:
+    """A JSON file's contents; invalid JSON raises ValueError naming the file."""
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -113,7 +119,7 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
-    files = sorted(set(_read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     state = {}
     for name in files:
         if not (path / name).is_file():
@@ -198,6 +204,9 @@ def generation_config(model: Whisper) -> dict:
            "suppress_tokens": list(tok.suppress_tokens), "begin_suppress_tokens": [tok.encode(" ")[0], tok.eot],
            "no_timestamps_token_id": tok.no_timestamps, "prev_sot_token_id": tok.sot_prev,
            "max_initial_timestamp_index": 50, "return_timestamps": False, "is_multilingual": multilingual}
+    heads = (getattr(model, "generation_config", None) or {}).get("alignment_heads")
+    if heads:  # transformers' word timestamps read them from here
+        gen["alignment_heads"] = [list(h) for h in heads]
     if multilingual:
         gen["lang_to_id"] = {f"<|{code}|>": i for code, i in tok.languages.items()}
         gen["task_to_id"] = {"transcribe": tok.special["<|transcribe|>"], "translate": tok.special["<|translate|>"]}
@@ -215,12 +224,7 @@ def save(model: Whisper, path: str | os.PathLike, dtype: torch.dtype | None = to
     """
     from safetensors.torch import save_file
 
-    out = Path(path)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic.directory(path, overwrite) as tmp:
         state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
                  for k, v in model.state_dict().items()}
         save_file(to_hf_names(state), tmp / "model.safetensors", metadata={"format": "pt"})
@@ -230,13 +234,7 @@ def save(model: Whisper, path: str | os.PathLike, dtype: torch.dtype | None = to
         _write_processor_files(model, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(path)
 
 
 def _config_for_save(model: Whisper, dtype: torch.dtype | None) -> dict:
@@ -247,7 +245,7 @@ def _config_for_save(model: Whisper, dtype: torch.dtype | None) -> dict:
     low_rank = model.low_rank_config
     if any(low_rank):
         config.update(model_type="lite-whisper", architectures=["LiteWhisperForConditionalGeneration"],
-                      auto_map=LITE_AUTO_MAP, low_rank_config=low_rank)
+                      auto_map=AUTO_MAP, low_rank_config=low_rank)
     else:
         config.update(model_type="whisper", architectures=["WhisperForConditionalGeneration"])
     return config

@@ -1,14 +1,14 @@
 """Model-agnostic evaluation: manifests, splits, normalised corpus WER/CER, reports.
 
-Nothing here imports the model: :func:`evaluate` takes any ``transcribe(list[Clip]) ->
-list[str]`` callable, so the same code scores the reference model, a quantised one or a fake.
+:func:`evaluate` takes any ``transcribe(list[Clip]) -> list[str]`` callable, so the same code
+scores the reference model, a quantised one or a fake; :func:`transcribe_clips` is that callable
+for a liteasr model (the only function here that touches one, importing it lazily).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -19,6 +19,8 @@ import jiwer
 from tqdm import tqdm
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
+
+from . import atomic
 
 # Languages without spaces between words: WER there would measure the tokenizer, not the model.
 CER_LANGS = frozenset({"ja", "zh", "yue"})
@@ -159,6 +161,53 @@ def split_clips(
     return [c for c in clips if c.id in cal_ids], [c for c in clips if c.id not in cal_ids]
 
 
+def spread(items: Sequence, n: int | None, key: Callable[[Any], Any] | None = None) -> list:
+    """``n`` items evenly spaced over ``items``, in their order (all of them when ``n`` is None or not smaller).
+
+    With ``key`` (e.g. the clip's domain) the items are strata: each gets one item first, when ``n``
+    allows, and the rest in proportion to its size (largest remainders), evenly spaced within it.
+    Manifests are grouped by domain, so the first ``n`` clips would all come from the first domain,
+    and plain even spacing would still miss the domains of one or two clips.
+    """
+    items = list(items)
+    if n is None or n >= len(items):
+        return items
+    if n < 1:
+        raise ValueError(f"limit must be at least 1, not {n}")
+    groups: dict[Any, list[int]] = defaultdict(list)  # without a key: one stratum, plain even spacing
+    for i, item in enumerate(items):
+        groups[key(item) if key else None].append(i)
+    sizes = {g: len(idx) for g, idx in groups.items()}
+    base = 1 if n >= len(groups) else 0
+    share = {g: (n - base * len(groups)) * (size - base) / (len(items) - base * len(groups)) for g, size in sizes.items()}
+    quota = {g: base + int(share[g]) for g in groups}
+    for g in sorted(groups, key=lambda g: (int(share[g]) - share[g], -sizes[g]))[: n - sum(quota.values())]:
+        quota[g] += 1  # the largest remainders take the items left over
+    chosen = [idx[j * len(idx) // quota[g]] for g, idx in groups.items() for j in range(quota[g])]
+    return [items[i] for i in sorted(chosen)]
+
+
+def transcribe_clips(model: Any, clips: Sequence[Clip], batch_size: int = 8,
+                     detect_language: bool = False, **options: Any) -> list[str | Exception]:
+    """Transcripts of ``clips`` by a liteasr model (or runtime), in order; an Exception in place of the
+    transcript of a clip that could not be read or decoded (the others are still transcribed).
+
+    Each clip's manifest language is forced, as ASR benchmarks do (clips are decoded in groups of one
+    language), unless ``detect_language``, which lets a multilingual model detect it. ``options`` are
+    further TranscribeOptions fields (e.g. decoding options).
+    """
+    from .transcribe import TranscribeOptions, transcribe_iter
+
+    langs = [None if detect_language else c.lang for c in clips]
+    texts: list[str | Exception] = [""] * len(clips)
+    for lang in dict.fromkeys(langs):
+        idx = [i for i, lg in enumerate(langs) if lg == lang]
+        opts = TranscribeOptions(language=lang, batch_size=batch_size, **options)
+        for j, r in transcribe_iter(model, [str(clips[i].audio) for i in idx], opts):
+            texts[idx[j]] = r if isinstance(r, Exception) else r["text"]
+    return texts
+
+
 def metric_for(lang: str) -> str:
     """``"cer"`` for languages written without word spaces, else ``"wer"``."""
     return "cer" if lang in CER_LANGS else "wer"
@@ -261,7 +310,7 @@ def evaluate(
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     clips = list(clips)
-    hyps: list[str] = []
+    hyps: list[str | Exception] = []
     wall = 0.0
     with tqdm(total=len(clips), unit="clip", desc="transcribe", disable=not progress) as bar:
         for start in range(0, len(clips), batch_size):
@@ -273,10 +322,15 @@ def evaluate(
                 raise ValueError(f"transcribe returned {len(out)} texts for {len(batch)} clips")
             hyps.extend(out)
             bar.update(len(batch))
-    report = score(clips, hyps)
-    audio_s = sum(c.duration for c in clips)
+    # clips that failed (unreadable audio, a decode error) are listed and left out of every rate
+    failed = [{"id": c.id, "error": str(h)} for c, h in zip(clips, hyps) if isinstance(h, Exception)]
+    kept = [(c, h) for c, h in zip(clips, hyps) if not isinstance(h, Exception)]
+    if not kept:
+        raise ValueError(f"every clip failed ({len(failed)}); first: {failed[0]['id']}: {failed[0]['error']}")
+    report = score([c for c, _ in kept], [h for _, h in kept])
+    audio_s = sum(c.duration for c, _ in kept)
     report.update(wall_s=wall, audio_s=audio_s, rtfx=audio_s / wall if wall > 0 else None,
-                  batch_size=batch_size)
+                  batch_size=batch_size, n_failed=len(failed), failed=failed)
     return report
 
 
@@ -302,23 +356,10 @@ def format_table(report: dict[str, Any]) -> str:
     lines += [_fmt_row(d, g, mixed) for d, g in report["by_domain"].items()]
     if len(report.get("by_lang", {})) > 1:
         lines += [_fmt_row(f"lang: {k}", g, mixed) for k, g in report["by_lang"].items()]
+    if report.get("n_failed"):
+        lines.append(f"\n{report['n_failed']} clip(s) failed and are left out of every rate: "
+                     + "; ".join(f"{f['id']} ({f['error']})" for f in report["failed"]))
     return "\n".join(lines)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    # Temp file in the same directory so os.replace is an atomic rename: a reader never sees a
-    # half-written report, and an interrupted run leaves the previous one intact.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_report(report: dict[str, Any], out_json: str | os.PathLike,
@@ -326,8 +367,7 @@ def write_report(report: dict[str, Any], out_json: str | os.PathLike,
                  title: str = "LiteASR evaluation") -> None:
     """Atomically write ``report`` as JSON and, if ``out_md`` is given, as a markdown summary."""
     # allow_nan=False: a NaN/inf would produce JSON other tools cannot parse; fail loudly instead.
-    _atomic_write_text(Path(out_json), json.dumps(report, indent=2, ensure_ascii=False,
-                                                  allow_nan=False) + "\n")
+    atomic.write_text(out_json, json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     if out_md is None:
         return
     parts = [f"# {title}", "", format_table(report), ""]
@@ -340,4 +380,4 @@ def write_report(report: dict[str, Any], out_json: str | os.PathLike,
     if empty:
         parts.append(f"{empty} clip(s) with an empty normalised reference are counted but "
                      "excluded from the rates.")
-    _atomic_write_text(Path(out_md), "\n".join(parts) + "\n")
+    atomic.write_text(out_md, "\n".join(parts) + "\n")

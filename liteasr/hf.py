@@ -162,15 +162,9 @@ def fill_generation_defaults(gen: GenerationConfig, config: WhisperConfig) -> No
 
 # ==== liteasr only (not exported) ====
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
-AUTO_MAP = {"AutoConfig": "configuration_lite_whisper.LiteWhisperConfig",  # the published auto_map, plus the
-            "AutoModel": "modeling_lite_whisper.LiteWhisperForConditionalGeneration",  # class that pipeline() asks for
-            "AutoModelForSpeechSeq2Seq": "modeling_lite_whisper.LiteWhisperForConditionalGeneration"}
 PYPI_BASE_MODELS = {"tiny.en": "openai/whisper-tiny.en", "base": "openai/whisper-base"}  # liteasr.fetch names
 
 
@@ -216,35 +210,21 @@ def export(model, output, base_model: str | None = None, eval_report: str | None
     card. base_model: hub id for the card's metadata (default: from compression.json); eval_report:
     a `liteasr eval` JSON report whose WER goes on the card. Written atomically.
     """
-    from .checkpoint import _read_json, load_model, resolve, save
+    from .checkpoint import load_model, read_json, resolve, save
 
     source = None if isinstance(model, nn.Module) else resolve(model)
     model = model if source is None else load_model(source)
     if not any(model.low_rank_config):
         raise ValueError("the model has no factored layers: it is a plain Whisper (write it with `liteasr convert`)")
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
     has_report = source is not None and (source / "compression.json").is_file()
-    compression = _read_json(source / "compression.json") if has_report else {}
-    report = _read_json(Path(eval_report)) if eval_report else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        extra = remote_code() | ({"compression.json": json.dumps(compression, indent=1)} if compression else {})
-        staged = save(model, tmp / "model", dtype=save_dtype, extra_files=extra)
-        config = json.loads((staged / "config.json").read_text())
-        config["auto_map"] = AUTO_MAP
-        (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        size = sum(f.stat().st_size for f in staged.glob("*.safetensors"))
-        base = base_model or _hub_id(compression.get("model"))
-        (staged / "README.md").write_text(model_card(out.name, config, size, base, compression, report))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    compression = read_json(source / "compression.json") if has_report else {}
+    report = read_json(Path(eval_report)) if eval_report else None
+    card = model_card(Path(output).name, model, save_dtype, base_model or _hub_id(compression.get("model")),
+                      compression, report)
+    extra = remote_code() | {"README.md": card} | ({"compression.json": json.dumps(compression, indent=1)}
+                                                   if compression else {})
+    # save() writes the config with liteasr's one AUTO_MAP, which names the remote-code files shipped here
+    return save(model, output, dtype=save_dtype, overwrite=overwrite, extra_files=extra)
 
 
 CARD = """\
@@ -289,16 +269,20 @@ With liteasr installed, `import liteasr` registers these classes with transforme
 """
 
 
-def model_card(name: str, config: dict, size_bytes: int, base_model: str | None, compression: dict,
+def model_card(name: str, model: nn.Module, save_dtype: torch.dtype, base_model: str | None, compression: dict,
                report: dict | None) -> str:
-    """README.md of an exported model: metadata, thresholds, ranks, sizes, WER and calibration."""
-    lrc, d, ffn = config["low_rank_config"], config["d_model"], config["encoder_ffn_dim"]
-    shapes = [{"fc1": (d, ffn), "fc2": (ffn, d)}.get(k, (d, d)) for k in LOW_RANK_KEYS]  # (in, out)
-    before = len(lrc) * sum(i * o for i, o in shapes)
-    after = sum(r[k] * (i + o) if k in r else i * o for r in lrc for k, (i, o) in zip(LOW_RANK_KEYS, shapes))
+    """README.md of an exported liteasr `Whisper`: metadata, thresholds, ranks, sizes, WER and calibration."""
+    from .model import encoder_linears
+
+    lrc, linears = model.low_rank_config, encoder_linears(model).values()
+    size_bytes = sum(v.numel() * (save_dtype.itemsize if v.is_floating_point() else v.element_size())
+                     for v in model.state_dict().values())  # the weights as saved (the file adds a small header)
+    before = sum(m.in_features * m.out_features for m in linears)
+    after = sum(p.numel() for m in linears for p in m.parameters() if p.dim() == 2)
     rows = ["| layer | " + " | ".join(LOW_RANK_KEYS) + " |", "|---" * (len(LOW_RANK_KEYS) + 1) + "|"]
     rows += [f"| {i} | " + " | ".join(str(r.get(k, "dense")) for k in LOW_RANK_KEYS) + " |" for i, r in enumerate(lrc)]
     wer, clips = "not measured", compression.get("calibration")
+    policy = compression.get("frame_policy", compression.get("frames", "?"))  # older files: "frames"
     if report:
         o, data = report["overall"], Path(report.get("manifest", "?"))
         wer = f"{100 * o['error_rate']:.2f} % ({o['metric']}) on {data.parent.name or data.name}, {o['n']} clips"
@@ -306,8 +290,8 @@ def model_card(name: str, config: dict, size_bytes: int, base_model: str | None,
         name=name, base_model=f"base_model: {base_model}\n" if base_model else "", base=base_model or "A Whisper model",
         theta=":".join(map(str, compression["threshold"])) if "threshold" in compression else "not recorded",
         factored=sum(map(len, lrc)), total=len(lrc) * len(LOW_RANK_KEYS), before=before / 1e6, after=after / 1e6,
-        percent=100 * after / before, size=size_bytes / 1e6, dtype=config.get("torch_dtype", "?"), wer=wer,
-        calibration=f"{len(clips)} clips, statistics over {compression.get('frames', '?')} frames" if clips
+        percent=100 * after / before, size=size_bytes / 1e6, dtype=str(save_dtype).removeprefix("torch."), wer=wer,
+        calibration=f"{len(clips)} clips, statistics over {policy} frames" if clips
         else "not recorded", ranks="\n".join(rows))
 
 

@@ -63,6 +63,20 @@ class LowRankLinear(nn.Module):
         layer.bias = nn.Parameter(bias)
         return layer
 
+    @classmethod
+    def from_pca(cls, layer: nn.Module, mean: Tensor, cov: Tensor, rank: int) -> "LowRankLinear":
+        """LiteASR's factors of `layer` (nn.Linear or LowRankLinear) from the mean (out,) and covariance
+        (out, out) of its outputs: weight1 = Wᵀ V_k (in, k), weight2 = V_kᵀ (k, out), bias = μ + V_k V_kᵀ (b − μ),
+        with V_k the top-`rank` principal directions. Computed in float64, stored in the layer's dtype and device."""
+        w, b = dense_weight(layer)
+        dtype, device = w.dtype, w.device
+        w = w.detach().to(cov.device, torch.float64)  # (out, in)
+        b = b.detach().to(w) if b is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+        _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+        v = vecs[:, -rank:].flip(1)  # (out, k): top-k principal directions
+        bias = mean + v @ (v.T @ (b - mean))
+        return cls.from_factors((w.T @ v).to(dtype), v.T.contiguous().to(dtype), bias.to(dtype)).to(device)
+
     def forward(self, x: Tensor) -> Tensor:  # (..., in) -> (..., out)
         h = x @ self.weight1  # (..., r): the cheap rank-r intermediate
         return torch.addmm(self.bias, h.reshape(-1, h.shape[-1]), self.weight2).view(*x.shape[:-1], self.out_features)
@@ -219,22 +233,28 @@ class TextDecoder(nn.Module):
         x = self.embed_tokens(tokens) + self.embed_positions(pos)
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i, pos, mask, n_keys)
-        x = self.layer_norm(x)
-        return (x @ self.embed_tokens.weight.T).float()  # output projection tied to the embedding
+        return self.logits(self.layer_norm(x))
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x (B, T, d) after the final LayerNorm -> logits (B, T, vocab) float32: the output projection, tied to
+        the token embedding (quantized copies override this: liteasr.quantize)."""
+        return (x @ self.embed_tokens.weight.T).float()
 
 
 class Whisper(nn.Module):
     """Encoder-decoder Whisper. `low_rank` is the lite-whisper `low_rank_config`: one dict per encoder
     layer mapping any of LOW_RANK_KEYS to a rank; a missing key means that linear is dense.
 
-    Loaders attach `tokenizer` (liteasr.tokenizer.Tokenizer) and `config` (the Hugging Face config
-    dict, kept so that saving writes back every field it was loaded with)."""
+    Loaders attach `tokenizer` (liteasr.tokenizer.Tokenizer), `config` (the Hugging Face config
+    dict, kept so that saving writes back every field it was loaded with) and `generation_config`
+    (e.g. the checkpoint's alignment heads, read by liteasr.alignment)."""
 
     def __init__(self, dims: Dims, low_rank: list[dict[str, int]] | None = None) -> None:
         super().__init__()
         if low_rank is not None and len(low_rank) != dims.encoder_layers:
             raise ValueError(f"low_rank_config has {len(low_rank)} entries but the encoder has "
                              f"{dims.encoder_layers} layers")
+        self.generation_config: dict = {}
         self.dims = dims
         self.encoder = AudioEncoder(dims, low_rank)
         self.decoder = TextDecoder(dims)

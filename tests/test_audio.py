@@ -213,3 +213,16 @@ def test_check_audio_shape_dtype_empty() -> None:
         check_audio(np.zeros(0, dtype=np.float32), name="c")
     out = check_audio(np.zeros(10, dtype=np.float64))
     assert out.dtype == np.float32
+
+
+def test_mel_batch_masks_real_audio_frames():
+    from liteasr.audio import log_mel_spectrogram, mel_batch
+
+    rng = np.random.default_rng(0)
+    clips = [rng.uniform(-0.1, 0.1, n).astype(np.float32) for n in (16000, 320 * 700 + 1, 40 * 16000)]
+    mel, mask = mel_batch(clips, 80, dtype=torch.float16)
+    assert mel.shape == (3, 80, 3000) and mel.dtype == torch.float16 and mask.shape == (3, 1500)
+    assert mask.sum(1).tolist() == [50, 701, 1500]  # 20 ms per frame, a started frame counts, 30 s at most
+    assert all(m[: int(m.sum())].all() for m in mask)  # real audio first, padding after
+    alone = log_mel_spectrogram(pad_or_trim(clips[1]), 80).half()
+    assert torch.equal(mel[1], alone)  # batched features equal one clip's own

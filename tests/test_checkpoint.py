@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import liteasr
 from liteasr.audio import log_mel_spectrogram, pad_or_trim
-from liteasr.checkpoint import LITE_AUTO_MAP
+from liteasr.checkpoint import AUTO_MAP
 from liteasr.model import LowRankLinear, encoder_linears, set_module
 
 # Factored layers of the lite test model: ranks 32 and 64 on a mix of attention and MLP linears;
@@ -110,7 +110,7 @@ def test_lite_roundtrip(lite_model, lite_dir, mel):
     config = json.loads((lite_dir / "config.json").read_text())
     assert config["model_type"] == "lite-whisper"
     assert config["architectures"] == ["LiteWhisperForConditionalGeneration"]
-    assert config["auto_map"] == LITE_AUTO_MAP
+    assert config["auto_map"] == AUTO_MAP
     assert config["low_rank_config"] == RANKS
     assert config["encoder_layers"] == 4 and config["d_model"] == 384  # the base model's WhisperConfig fields stay
 

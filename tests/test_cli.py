@@ -1,6 +1,6 @@
 """The `liteasr` command line, run as a user runs it (`python -m liteasr ...` in a subprocess):
-output to stdout and files, and bad inputs -> exit code 1, one 'liteasr: error: ...' line naming
-the culprit, and no output files at all."""
+output to stdout and files; a bad input -> one 'liteasr: error: ...' line naming the culprit and no
+output of its own, while every good input of the same run is still transcribed and written; exit 1."""
 
 from __future__ import annotations
 
@@ -58,9 +58,18 @@ def second_path(check_clips) -> Path:
 def test_transcribe_prints_text(tiny_en, jfk_path):
     proc = run_cli("transcribe", jfk_path, "--no-progress")  # default model: tiny.en by name
     assert proc.returncode == 0, proc.stderr
-    expected = tiny_en.transcribe(str(jfk_path))["text"]
+    expected = tiny_en.transcribe(str(jfk_path), beam_size=5, best_of=5)["text"]  # the CLI's decoding defaults
     assert proc.stdout.strip() == expected
     assert "ask not what your country can do for you" in expected.lower()
+
+
+def test_transcribe_int8(tiny_en, jfk_path):
+    """--int8 runs liteasr.quantize.int8_model's copy: the same words as the float32 model on JFK."""
+    from liteasr.eval import normalize
+
+    proc = run_cli("transcribe", jfk_path, "--no-progress", "--int8")
+    assert proc.returncode == 0, proc.stderr
+    assert normalize(proc.stdout) == normalize(tiny_en.transcribe(str(jfk_path))["text"])
 
 
 def test_all_formats_written(hf_dir_tiny, jfk_path, second_path, tmp_path):
@@ -106,6 +115,20 @@ def test_eval_writes_reports(tiny_en, speech_dev, hf_dir_tiny, tmp_path):
     assert f"wrote {report}" in proc.stdout
 
 
+def test_eval_limit_covers_every_domain(hf_dir_tiny, second_path, tmp_path):
+    """`--limit N` takes one clip per domain before a second from any: the first N of a manifest
+    grouped by domain would all come from its first domain."""
+    shutil.copy(second_path, tmp_path / "a.wav")
+    domains = ["big"] * 9 + ["one", "two", "three"]
+    rows = [{"id": f"c{i}", "audio": "a.wav", "text": "x", "domain": d, "duration_s": 2.0} for i, d in enumerate(domains)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli("eval", "-m", hf_dir_tiny, "--manifest", tmp_path / "m.jsonl", "--limit", "5",
+                   "--output", tmp_path / "r.json", "--no-progress", threads=1)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["overall"]["n"] == 5 and set(data["by_domain"]) == {"big", "one", "two", "three"}
+
+
 def test_eval_unknown_id(speech_dev, tmp_path):
     manifest = speech_dev[0]["path"].parent.parent / "manifest.jsonl"
     proc = run_cli("eval", "--manifest", manifest, "--ids", "jfk_inaugural,no_such_clip",
@@ -120,7 +143,7 @@ def test_eval_unknown_id(speech_dev, tmp_path):
 
 BAD_CASES = ["missing file", "corrupt audio", "zero-length wav", "nan wav", "directory as audio",
              "model dir without checkpoint", "model path is a file", "ct2 missing part2",
-             "bad file among good (middle)", "bad file among good (last)"]
+             "bad file among good (middle)", "bad file among good (last)", "bad file among good, --on-error fail"]
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +183,7 @@ def bad_runs(tmp_path_factory, hf_dir_tiny, jfk_path, second_path) -> dict:
         "ct2 missing part2": ([jfk_path], ct2, "model.bin.part2"),
         "bad file among good (middle)": ([good[0], corrupt, good[1]], hf_dir_tiny, corrupt),
         "bad file among good (last)": (good + [nan], hf_dir_tiny, nan),
+        "bad file among good, --on-error fail": ([corrupt] + good, hf_dir_tiny, corrupt),
     }
     assert list(cases) == BAD_CASES
 
@@ -168,8 +192,10 @@ def bad_runs(tmp_path_factory, hf_dir_tiny, jfk_path, second_path) -> dict:
         out = root / f"out-{BAD_CASES.index(name)}"
         # -f all -o: would write every format if anything got through. One thread each: they run
         # side by side and do no heavy compute before failing.
-        proc = run_cli("transcribe", *files, "-m", model, "-f", "all", "-o", out, "--no-progress", threads=1)
-        return proc, out, str(culprit)
+        extra = ["--on-error", "fail"] if name.endswith("--on-error fail") else []
+        proc = run_cli("transcribe", *files, "-m", model, "-f", "all", "-o", out, "--no-progress", *extra,
+                       threads=1)
+        return proc, out, str(culprit), files
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         return dict(zip(BAD_CASES, pool.map(run, BAD_CASES)))
@@ -177,13 +203,36 @@ def bad_runs(tmp_path_factory, hf_dir_tiny, jfk_path, second_path) -> dict:
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input(bad_runs, case):
-    proc, out, culprit = bad_runs[case]
+    proc, out, culprit, files = bad_runs[case]
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
-    line = _error_line(proc)
-    assert culprit in line
     assert "Traceback" not in proc.stderr
-    assert not out.exists() or list(out.iterdir()) == []  # nothing written, not even for the good files
-    assert proc.stdout == ""  # no transcript printed either: the run failed before decoding anything
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    print(proc.stderr)
+    assert lines[0].startswith("liteasr: error: ") and culprit in lines[0]
+    good = [f for f in files if str(f) != culprit]
+    written = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    if "among good" not in case:  # one bad input: one error line, nothing written or printed
+        assert len(lines) == 1 and written == [] and proc.stdout == ""
+        return
+    assert culprit in lines[-1] and f"1 of {len(files)} inputs failed" in lines[-1]
+    assert not any(Path(culprit).stem in name for name in written)  # nothing of the bad input
+    if case.endswith("--on-error fail"):  # stopped at the bad (first) input
+        assert "stopped there" in lines[-1]
+        return
+    # every good input transcribed and written in every format, atomically (no temporary files left)
+    assert written == sorted(f"{Path(f).stem}.{fmt}" for f in good for fmt in ("json", "srt", "txt", "vtt"))
+    assert [line.split(":")[0] for line in proc.stdout.splitlines()] == [str(f) for f in good]
+
+
+def test_transcribe_format_to_stdout(tiny_en, jfk_path, second_path):
+    """-f srt without -o prints SubRip to stdout (not plain text); formats that would mix files are refused."""
+    proc = run_cli("transcribe", jfk_path, "-m", "tiny.en", "-f", "srt", "--no-progress", threads=1)
+    assert proc.returncode == 0, proc.stderr
+    assert re.match(r"1\n00:00:\d\d,\d{3} --> 00:00:\d\d,\d{3}\n\S", proc.stdout), proc.stdout
+    proc = run_cli("transcribe", jfk_path, second_path, "-m", "tiny.en", "-f", "srt", "--no-progress")
+    assert proc.returncode == 1 and "--output-dir" in _error_line(proc)
+    proc = run_cli("transcribe", jfk_path, "-m", "tiny.en", "-f", "all", "--no-progress")
+    assert proc.returncode == 1 and "--output-dir" in _error_line(proc)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,7 +244,7 @@ def test_compress_cli_output_determinism_and_refusals(speech_dev, tmp_path):
     same inputs give bit-identical weights; an existing output or a malformed θ is refused with
     nothing written."""
     manifest = speech_dev[0]["path"].parent.parent / "manifest.jsonl"
-    args = ["compress", "tiny.en", "--calibration", manifest, "--num-clips", "8", "--preset", "a", "--no-progress"]
+    args = ["compress", "-m", "tiny.en", "--calibration", manifest, "--num-clips", "8", "--preset", "a", "--no-progress"]
     outs = [tmp_path / "one", tmp_path / "two"]
     with ThreadPoolExecutor(max_workers=2) as pool:
         procs = list(pool.map(lambda o: run_cli(*args, "-o", o, threads=1), outs))

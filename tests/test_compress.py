@@ -1,4 +1,5 @@
-"""LiteASR compression: PCA on planted data, the rank rule, exactness at full rank, real tiny.en quality."""
+"""LiteASR compression: PCA on planted data, the rank rule, exactness at full rank, real tiny.en quality,
+the config's checks, plan_only and the report."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from liteasr.calibrate import MIN_CLIPS, Moments, calibrate, select_calibration
-from liteasr.compress import (apply_plan, choose_rank, compress, factor, load_plan, make_plan, parse_threshold,
-                              save_plan)
+from liteasr.compress import (MIN_CLIPS, Budget, CompressConfig, apply_plan, calibrate, compress,
+                              compress_with_report, load_plan, make_plan, parse_threshold, plan_only, save_plan,
+                              select_calibration)
+from liteasr.compress.calibrate import Moments
+from liteasr.compress.plan import choose_rank
 from liteasr.model import LowRankLinear, encoder_linears
 
 
@@ -84,11 +87,11 @@ def test_factor_full_rank_is_exact_and_low_rank_is_pca_optimal():
     y = dense(x)
     m = Moments(48)
     m.add(y)
-    full = factor(dense, m.mean, m.covariance, 48)
+    full = LowRankLinear.from_pca(dense, m.mean, m.covariance, 48)
     print("full-rank max diff", (full(x) - y).abs().max().item())
     assert torch.allclose(full(x), y, atol=1e-10)
     # the rank-16 factor's error equals the discarded variance (PCA optimality)
-    low = factor(dense, m.mean, m.covariance, 16)
+    low = LowRankLinear.from_pca(dense, m.mean, m.covariance, 16)
     err = (low(x) - y).pow(2).sum(1).mean()
     discarded = torch.linalg.eigvalsh(m.covariance)[:-16].sum()
     print("error", err.item(), "discarded variance", discarded.item())
@@ -136,7 +139,7 @@ def test_compress_tiny_preset_a_quality_and_roundtrip(tiny_en, speech_dev, check
     check_ids = {c["id"] for c in check_clips}
     cal = [r for r in speech_dev if r["id"] not in check_ids][::12][:24]
     model = copy.deepcopy(tiny_en)
-    plan = compress(model, [str(r["path"]) for r in cal], threshold="a", progress=False)
+    plan = compress(model, [str(r["path"]) for r in cal], CompressConfig(threshold="a", progress=False))
     assert plan.ranks, "preset a factors at least one tiny.en layer"
     assert all(r % 16 == 0 for r in plan.ranks.values())
     assert model.low_rank_config == plan.low_rank_config(4)
@@ -208,3 +211,50 @@ def test_calibration_bad_input(tmp_path, speech_dev, shared_dir):
         select_calibration(folder, num_clips=20)
     paths, ids = select_calibration(manifest, num_clips=20)
     assert len(paths) == 20 and len(set(ids)) == 20
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"threshold": "0.99:abc"}, "threshold"),
+    ({"frame_policy": "padding"}, "frame_policy"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"recover_steps": -1}, "recover_steps"),
+    ({"budget": 0.6}, "Budget"),
+    ({"budget": Budget("size", 0.6), "plan": "any plan"}, "not both"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CompressConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kind, value, message", [
+    ("params", 0.5, "not one of"), ("size", 1.5, r"\(0, 1\]"), ("flops", 0.0, r"\(0, 1\]"),
+    ("latency_ms", -3.0, "positive"), ("size", float("nan"), "finite"),
+])
+def test_budget_errors(kind, value, message):
+    with pytest.raises(ValueError, match=message):
+        Budget(kind, value)
+
+
+def test_compress_is_the_root_function_and_the_subpackage_stays_importable():
+    import importlib
+
+    import liteasr
+
+    assert callable(liteasr.compress) and liteasr.compress.__module__ == "liteasr.compress"
+    importlib.import_module("liteasr.compress.sweep")  # a later submodule import does not rebind the name
+    assert callable(liteasr.compress)
+
+
+def test_plan_only_leaves_the_model_and_matches_compress(tiny_en, speech_dev):
+    paths = _clips(speech_dev, 8)
+    ids = [f"clip{i}" for i in range(8)]
+    config = CompressConfig(threshold="0.95", progress=False)
+    plan = plan_only(tiny_en, paths, config, ids=ids)
+    assert plan.ranks and not any(tiny_en.low_rank_config)  # nothing swapped in the model it planned
+    report = compress_with_report(copy.deepcopy(tiny_en), paths, config, ids=ids)
+    assert report.plan.ranks == plan.ranks and report.calibration == ids
+    data = json.loads(json.dumps(report.to_dict("tiny.en")))  # JSON-able as compression.json
+    assert data["model"] == "tiny.en" and data["frame_policy"] == "audio" and data["threshold"] == [0.95, 0.95]
+    assert 0 < data["linear_fraction"] < data["encoder_fraction"] < 1
+    assert data["after"]["encoder_flops"] < data["before"]["encoder_flops"] and data["peak_rss_mb"] > 0
+    assert data["plan"]["layers"] == json.loads(plan.to_json())["layers"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from liteasr.eval import (Clip, evaluate, format_table, normalize, read_manifest, read_split,
-                          score, split_clips, write_report)
+                          score, split_clips, spread, transcribe_clips, write_report)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DEV_MANIFEST = SHARED / "data" / "speech-dev" / "manifest.jsonl"
@@ -217,3 +217,50 @@ def test_evaluate_and_write_report(tmp_path: Path) -> None:
 def test_evaluate_rejects_wrong_batch_output() -> None:
     with pytest.raises(ValueError, match="returned"):
         evaluate(lambda b: ["x"], [clip(0, "a"), clip(1, "b")], batch_size=2, progress=False)
+
+
+# --- choosing and transcribing clips ---------------------------------------------------------
+
+def test_spread_even_and_by_domain(dev_manifest: Path) -> None:
+    assert spread(range(10), 5) == [0, 2, 4, 6, 8] and spread(range(3), 5) == [0, 1, 2]
+    assert spread(range(3), None) == [0, 1, 2]
+    with pytest.raises(ValueError, match="at least 1"):
+        spread(range(3), 0)
+    clips = read_manifest(dev_manifest)  # grouped by domain; several domains hold 1-3 clips
+    domains = {c.domain for c in clips}
+    for n in (len(domains), 40, len(clips) - 1):
+        chosen = spread(clips, n, key=lambda c: c.domain)
+        assert len({c.id for c in chosen}) == n and {c.domain for c in chosen} == domains
+        assert chosen == [c for c in clips if c in chosen]  # manifest order kept
+
+
+def test_transcribe_clips_forces_the_manifest_language(monkeypatch) -> None:
+    calls = []
+
+    def fake(model, paths, options):
+        calls.append((options.language, len(paths)))
+        return [(i, {"text": f"{options.language}:{Path(p).stem}"}) for i, p in enumerate(paths)]
+
+    import importlib
+
+    # the module: the root package binds the function liteasr.transcribe over the name
+    monkeypatch.setattr(importlib.import_module("liteasr.transcribe"), "transcribe_iter", fake)
+    clips = [clip(0, "a", lang="de"), clip(1, "b", lang="en"), clip(2, "c", lang="de")]
+    assert transcribe_clips(None, clips) == ["de:c0", "en:c1", "de:c2"]  # in order, one call per language
+    assert calls == [("de", 2), ("en", 1)]
+    assert transcribe_clips(None, clips, detect_language=True) == ["None:c0", "None:c1", "None:c2"]
+
+
+def test_failed_clips_are_listed_and_left_out_of_the_rates() -> None:
+    """A clip that cannot be transcribed is named in the report, counted, and scored nowhere."""
+    clips = [clip(i, "alpha beta gamma", "d", dur=2.0) for i in range(4)]
+
+    def fake(batch: list[Clip]) -> list:
+        return [OSError(f"{c.id}.wav: not audio") if c.id == "c2" else c.text for c in batch]
+
+    rep = evaluate(fake, clips, batch_size=3, progress=False)
+    assert rep["n_failed"] == 1 and rep["failed"] == [{"id": "c2", "error": "c2.wav: not audio"}]
+    assert rep["overall"]["error_rate"] == 0 and rep["overall"]["ref_units"] == 9 and rep["audio_s"] == 6.0
+    assert "1 clip(s) failed" in format_table(rep) and "c2" in format_table(rep)
+    with pytest.raises(ValueError, match="every clip failed"):
+        evaluate(lambda b: [OSError("bad")] * len(b), clips, batch_size=4, progress=False)

@@ -33,7 +33,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForSpeechSeq2Seq, Gene
 import liteasr
 from liteasr import hf
 from liteasr.audio import log_mel_spectrogram, pad_or_trim
-from liteasr.checkpoint import LITE_AUTO_MAP
+from liteasr.checkpoint import AUTO_MAP
 from liteasr.cli import main as cli_main
 from liteasr.model import LowRankLinear, encoder_linears, set_module
 
@@ -79,13 +79,18 @@ def factored(model, ranks: list[dict[str, int]]):
     return model.eval()
 
 
+# The auto_map of the published efficient-speech checkpoints: two entries (liteasr writes a third).
+PUBLISHED_AUTO_MAP = {"AutoConfig": "configuration_lite_whisper.LiteWhisperConfig",
+                      "AutoModel": "modeling_lite_whisper.LiteWhisperForConditionalGeneration"}
+
+
 def write_published(model, path: Path) -> Path:
     """`model` in exactly the layout of the published efficient-speech checkpoints: float32 safetensors,
     their config.json keys and two-entry auto_map, `begin_suppress_tokens: null`, no max_length."""
     liteasr.save(model, path, dtype=torch.float32)
     config = json.loads((path / "config.json").read_text())
     config.update(_name_or_path="efficient-speech/lite-whisper-tiny.en", transformers_version="4.46.3",
-                  begin_suppress_tokens=None, auto_map=LITE_AUTO_MAP)
+                  begin_suppress_tokens=None, auto_map=PUBLISHED_AUTO_MAP)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     gen = json.loads((path / "generation_config.json").read_text())
     gen.pop("max_length")
@@ -230,7 +235,7 @@ def test_published_layout_on_disk(published_dir):
     """The fixture really has the published layout (so the next tests test what they claim)."""
     config = json.loads((published_dir / "config.json").read_text())
     gen = json.loads((published_dir / "generation_config.json").read_text())
-    assert config["model_type"] == "lite-whisper" and config["auto_map"] == LITE_AUTO_MAP
+    assert config["model_type"] == "lite-whisper" and config["auto_map"] == PUBLISHED_AUTO_MAP
     assert config["begin_suppress_tokens"] is None and gen["begin_suppress_tokens"] is None
     assert "max_length" not in gen and "fc1" not in config["low_rank_config"][1]
     with safe_open(published_dir / "model.safetensors", "pt") as f:
@@ -330,7 +335,7 @@ def test_export_loads_without_liteasr(published_dir, lite_tiny, jfk_mel, tmp_pat
         imports = re.findall(r"^\s*(?:from|import)\s+(\S+)", (out / name).read_text(), flags=re.M)
         assert {i.split(".")[0] for i in imports} <= {"__future__", "torch", "transformers", ""}, imports
     config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"] == hf.AUTO_MAP and config["low_rank_config"] == PUBLISHED_RANKS
+    assert config["auto_map"] == AUTO_MAP and config["low_rank_config"] == PUBLISHED_RANKS
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model: openai/whisper-tiny.en\nlibrary_name: transformers\n")
     assert "pipeline_tag: automatic-speech-recognition" in card

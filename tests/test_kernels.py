@@ -1,4 +1,4 @@
-"""Attention in the reduced dimension (liteasr.kernels): the reference against standard attention, the Triton
+"""Attention in the reduced dimension (liteasr.cuda.kernels): the reference against standard attention, the Triton
 kernel against the reference (flash-attn's tolerance rule), the CPU fallback and the cost model."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import textwrap
 import pytest
 import torch
 
-from liteasr.kernels import (dense_attention_flops, factors_from_attention, lowrank_attention,
-                             lowrank_attention_flops, lowrank_attention_reference, prefer_lowrank)
+from liteasr.cuda.kernels import (dense_attention_flops, factors_from_attention, lowrank_attention,
+                             lowrank_attention_flops, lowrank_attention_reference, lowrank_attention_wins)
 from liteasr.model import Attention
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,8 +80,12 @@ def test_cost_model():
     assert lowrank_attention_flops(T, H, 16, 16, 16, d_h) < dense_attention_flops(T, H, d_h) / 3
     # At r = d_h the low-rank path does the dense core's work plus the Q' and B_v projections.
     assert lowrank_attention_flops(T, H, d_h, d_h, d_h, d_h) > dense_attention_flops(T, H, d_h)
-    assert prefer_lowrank(16, 16, d_h) and prefer_lowrank(32, 64, d_h) and prefer_lowrank(100, 27, d_h)
-    assert not prefer_lowrank(64, 64, d_h) and not prefer_lowrank(100, 32, d_h)
+    # The rule the runtime uses is stricter than the FLOP rule r_k + r_v < 2 d_h (measured: both paths compute
+    # the same T² H exponentials): it must never choose the kernel where the FLOP rule says it cannot win.
+    for r_k, r_v in [(16, 16), (32, 32), (16, 48), (64, 64), (100, 27), (128, 128)]:
+        if lowrank_attention_wins(r_k, r_v, d_h):
+            assert lowrank_attention_flops(T, H, 256, r_k, r_v, d_h) < dense_attention_flops(T, H, d_h)
+    assert lowrank_attention_wins(32, 32, d_h) and not lowrank_attention_wins(64, 64, d_h)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,7 +154,7 @@ def test_kernel_on_fused_qkv_slices():
 # imported, hence the subprocess). Skipped where Triton is not installed, as in CI.
 INTERPRETER_SCRIPT = textwrap.dedent("""
     import torch
-    from liteasr.kernels import _lowrank_attention_triton
+    from liteasr.cuda.kernels import _lowrank_attention_triton
     from tests.test_kernels import check_against_reference, random_args
     for batch, T, H, d_h, r_q, r_k, r_v, config in [
             (2, 37, 3, 16, 20, 24, 16, None),           # ragged T, padded ranks, default tile

@@ -220,7 +220,9 @@ def test_long_form_segments(long_form, tiny_en):
         assert a["start"] <= a["end"] <= b["start"] + 1e-6  # time-ordered, non-overlapping
     assert 0.0 <= segs[0]["start"] and segs[-1]["end"] <= dur + 1e-6
     assert res["text"] == " ".join(s["text"] for s in segs)
-    assert all(s["tokens"] and max(s["tokens"]) < tiny_en.tokenizer.eot for s in segs)  # text tokens only
+    # openai-whisper's schema: a segment's tokens are its text tokens between its timestamp tokens
+    tok = tiny_en.tokenizer
+    assert all(s["tokens"][0] >= tok.timestamp_begin and tok.decode(s["tokens"]).strip() == s["text"] for s in segs)
 
 
 @pytest.mark.slow
@@ -353,3 +355,40 @@ def test_write_result_is_atomic(long_form, tmp_path, monkeypatch):
     with pytest.raises(ValueError):  # unknown suffix: nothing written at all
         write_result(res, out / "talk.docx")
     assert not (out / "talk.docx").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# chunk_s: long inputs split at quiet points, pieces transcribed independently, stitched in order
+
+
+def test_split_points_cut_at_pauses_and_cover_the_input():
+    from liteasr.transcribe import split_points
+
+    rng = np.random.default_rng(0)
+    sr = SAMPLE_RATE
+    audio = (0.1 * rng.standard_normal(200 * sr)).astype(np.float32)  # 200 s of "speech"
+    for pause in (40, 95, 150):  # 1-s pauses: the quietest half seconds in reach
+        audio[pause * sr: (pause + 1) * sr] *= 1e-3
+    assert split_points(audio[: 60 * sr], 60) == [(0, 60 * sr)]  # short enough: one piece
+    bounds = split_points(audio, 60)
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(audio)
+    assert all(a < b for a, b in bounds) and all(b == a2 for (_, b), (a2, _) in zip(bounds, bounds[1:]))
+    assert all(b - a <= 60 * sr for a, b in bounds)
+    cuts = [b / sr for _, b in bounds[:-1]]
+    assert len(cuts) == 3 and all(any(p <= c <= p + 1 for p in (40, 95, 150)) for c in cuts), cuts
+    assert split_points(audio.copy(), 60) == bounds  # a function of the samples only
+    with pytest.raises(ValueError, match="chunk_s"):
+        from liteasr.transcribe import TranscribeOptions
+
+        TranscribeOptions(chunk_s=30)
+
+
+def test_stitch_shifts_pieces_in_order():
+    from liteasr.transcribe import stitch
+
+    seg = {"start": 0.5, "end": 2.0, "text": "b", "tokens": [2], "avg_logprob": -0.1, "no_speech_prob": 0.0}
+    parts = [(SAMPLE_RATE * 30, {"text": "b", "language": "de", "segments": [seg], "duration": 5.0}),
+             (0, {"text": "a", "language": "en", "segments": [{**seg, "text": "a"}], "duration": 30.0})]
+    out = stitch(parts, SAMPLE_RATE * 35)
+    assert out["text"] == "a b" and out["language"] == "en" and out["duration"] == 35.0
+    assert [(s["start"], s["end"], s["text"]) for s in out["segments"]] == [(0.5, 2.0, "a"), (30.5, 32.0, "b")]

@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from ..decoding import DecodingOptions, DecodingResult, _no_speech_prob, _result, greedy, prompt_batch
+from ..decoding import DecodingOptions, DecodingResult, beam_search, decode_features, greedy
 from .model import LowRankLinear, Whisper
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -86,28 +86,46 @@ def detect_language(model: Whisper, audio_features: mx.array, cache=None) -> tup
 
 
 def decode(model: Whisper, mel: torch.Tensor, options: DecodingOptions | None = None,
-           languages: list[str] | None = None) -> list[DecodingResult]:
-    """Greedy-decode a batch of windows, mel (B, n_mels, 3000) from liteasr.audio -> one DecodingResult each.
+           languages: list[str] | None = None, prompts: list[list[int]] | None = None) -> list[DecodingResult]:
+    """Decode a batch of windows, mel (B, n_mels, 3000) from liteasr.audio -> one DecodingResult each.
 
-    The MLX mirror of `liteasr.decoding.decode`: same prompts, language detection, suppression,
-    timestamp rules, avg_logprob and no_speech_prob."""
+    The MLX mirror of `liteasr.decoding.decode`: same prompts, language detection, token rules, searches (greedy,
+    seeded sampling, beam search), temperature fallback, avg_logprob and no_speech_prob. Only the network runs
+    in MLX; token selection is liteasr.decoding's, on the host."""
     options = options or DecodingOptions()
-    tok = model.tokenizer
     x = mx.array(mel.transpose(1, 2).float().numpy()).astype(model.dtype)  # (B, 3000, n_mels): channels last
     audio_features = model.encoder(x)  # (B, 1500, d)
-    cache = model.decoder.new_cache(audio_features)
-    languages, prompts, max_new = prompt_batch(model, options, languages, x.shape[0],
-                                               lambda: detect_language(model, audio_features, cache)[0])
-    n_prompt = len(prompts[0])  # the same for every language
-    out = model.decoder(mx.array(prompts), cache)  # (B, P, V) float32
-    no_speech_prob = _no_speech_prob(_to_torch(out[:, 0]), tok)
-    # the token rules are liteasr.decoding's, on the host; only the network runs in MLX
-    generated, sum_logprob = greedy(
-        _to_torch(out[:, -1]),
-        lambda next_tokens, i: _to_torch(model.decoder(mx.array(next_tokens.numpy())[:, None], cache, n_prompt + i)[:, -1]),
-        tok, options, max_new)
-    return [_result(g, lang, lp, nsp, tok) for g, lang, lp, nsp in
-            zip(generated, languages, sum_logprob.tolist(), no_speech_prob.tolist())]
+    languages = languages if languages is not None else [options.language] * x.shape[0]
+    return decode_features(model, _MLXEngine(model, audio_features), options, languages, prompts,
+                           lambda: detect_language(model, audio_features)[0])
+
+
+class _MLXEngine:
+    """liteasr.decoding's Engine with the network in MLX: a fresh cache per pass, reordered by mx.take for beams."""
+
+    def __init__(self, model: Whisper, audio_features: mx.array) -> None:
+        self.model, self.features = model, audio_features  # (B, S, d)
+        self.cache = None
+
+    def prefill(self, rows: list[int], repeat: int, tokens: torch.Tensor) -> torch.Tensor:
+        idx = mx.array([i for i in rows for _ in range(repeat)])
+        self.cache = self.model.decoder.new_cache(self.features[idx])
+        return _to_torch(self.model.decoder(mx.array(tokens.numpy()), self.cache))  # (N, P, V) float32
+
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:  # (B, 1) -> (B, V)
+        return _to_torch(self.model.decoder(mx.array(tokens.numpy()), self.cache, pos)[:, -1])
+
+    def reorder(self, src: torch.Tensor, filled: int) -> None:
+        idx = mx.array(src.numpy())
+        c = self.cache
+        c.self_k = [k[idx] for k in c.self_k]
+        c.self_v = [v[idx] for v in c.self_v]
+
+    def greedy(self, prompt_logits, prompt_len, rules, max_new, search):
+        return greedy(prompt_logits, self.step, rules, prompt_len, max_new, search)
+
+    def beam_search(self, prompt_logits, prompt_len, rules, max_new, search):
+        return beam_search(prompt_logits, self.step, self.reorder, rules, prompt_len, max_new, search)
 
 
 def _to_torch(a: mx.array) -> torch.Tensor:

@@ -210,11 +210,11 @@ class Whisper(nn.Module):
         """Teacher-forced logits: mel (B, 3000, n_mels), tokens (B, T) -> (B, T, vocab)."""
         return self.decoder(tokens, self.decoder.new_cache(self.encoder(mel)))
 
-    def decode(self, mel, options=None, languages: list[str] | None = None):
-        """Greedy-decode a batch of windows, mel a torch (B, n_mels, 3000); see `liteasr.mlx.decode`."""
+    def decode(self, mel, options=None, languages: list[str] | None = None, prompts: list[list[int]] | None = None):
+        """Decode a batch of windows, mel a torch (B, n_mels, 3000); see `liteasr.mlx.decode`."""
         from . import decode
 
-        return decode(self, mel, options, languages)
+        return decode(self, mel, options, languages, prompts)
 
     def transcribe(self, audio, **options):
         """Transcribe a file, an array, or a list of them; see `liteasr.transcribe.transcribe`."""

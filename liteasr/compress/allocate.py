@@ -16,6 +16,7 @@ current device. Ranks are multiples of 16; "dense" is always an option.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -23,9 +24,32 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..model import LowRankLinear, Whisper, dense_weight, encoder_linears, set_module
 from .calibrate import Calibration
-from .compress import factor
-from .model import Whisper, dense_weight, encoder_linears, set_module
+
+BUDGET_KINDS = ("size", "flops", "latency_ms")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What all ranks must fit into together. Budget("size", 0.6): 60 % of the dense encoder's linear
+    parameters; "flops": the same fraction of its linear FLOPs (proportional to the parameters at a
+    fixed frame count); "latency_ms": encoder milliseconds per call on the model's device, from
+    per-shape matmul timings measured there."""
+
+    kind: str  # one of BUDGET_KINDS
+    value: float  # a fraction in (0, 1] for size / flops; milliseconds (> 0) for latency_ms
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise ValueError(f"budget kind {self.kind!r} is not one of {', '.join(BUDGET_KINDS)}")
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
+            raise ValueError(f"budget value {self.value!r} is not a finite number")
+        if self.kind == "latency_ms" and self.value <= 0:
+            raise ValueError(f"latency budget must be positive, not {self.value} ms")
+        if self.kind != "latency_ms" and not 0 < self.value <= 1:
+            raise ValueError(f"{self.kind} budget is a fraction of the dense encoder and must lie in (0, 1], "
+                             f"not {self.value}")
 
 
 @dataclass
@@ -33,6 +57,13 @@ class Option:
     rank: int | None  # None = dense
     cost: float
     err: float
+
+
+def explained(cov: Tensor) -> list[float]:
+    """Cumulative explained variance of a covariance (d, d): entry k − 1 is the fraction the top k
+    principal directions explain."""
+    lam = torch.linalg.eigvalsh(cov).flip(0).clamp(min=0)  # descending
+    return (lam.cumsum(0) / lam.sum().clamp(min=1e-30)).tolist()
 
 
 @torch.no_grad()
@@ -44,12 +75,11 @@ def sensitivities(model: Whisper, calib: Calibration, mel: Tensor, probe: float 
     out = {}
     for name, layer in encoder_linears(model).items():
         mean, cov = calib.output_moments(name, layer)
-        lam = torch.linalg.eigvalsh(cov).flip(0).clamp(min=0)
-        cum = (lam.cumsum(0) / lam.sum().clamp(min=1e-30)).tolist()
+        cum = explained(cov)
         # the probe rank: the multiple of 16 that explains `probe`, leaving at least 16 directions out
         k = next((k for k in range(16, len(cum) - 15, 16) if cum[k - 1] > probe), max(16, len(cum) - 16))
         discarded = 1.0 - cum[k - 1]
-        set_module(model, name, factor(layer, mean, cov, k))
+        set_module(model, name, LowRankLinear.from_pca(layer, mean, cov, k))
         err = float((model.encoder(mel) - ref).pow(2).mean() / power)
         set_module(model, name, layer)
         out[name] = err / max(discarded, 1e-9)
@@ -101,7 +131,7 @@ def solve(layers: dict[str, list[Option]], budget: float) -> dict[str, Option]:
 def linear_timings(shapes: set[tuple[int, int]], ranks: dict[tuple[int, int], list[int]], batch_size: int,
                    device: torch.device, dtype: torch.dtype, repeats: int = 5) -> dict[tuple[int, int, int | None], float]:
     """Milliseconds of one linear (dense: rank None) per (d_in, d_out, rank) on this device, at
-    M = 1500·batch_size rows: the measured table behind --target-latency-ms."""
+    M = 1500·batch_size rows: the measured table behind a latency budget."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
     table = {}
@@ -124,34 +154,23 @@ def linear_timings(shapes: set[tuple[int, int]], ranks: dict[tuple[int, int], li
     return table
 
 
-def allocate(model: Whisper, calib: Calibration, mel: Tensor, target_size: float | None = None,
-             target_flops: float | None = None, target_latency_ms: float | None = None,
+def allocate(model: Whisper, calib: Calibration, mel: Tensor, budget: Budget,
              batch_size: int = 1) -> tuple[dict[str, int | None], dict]:
-    """Ranks for every encoder linear under one budget; returns (ranks, report).
+    """Ranks for every encoder linear under `budget`; returns (ranks, report).
 
-    target_size / target_flops: fraction of the dense encoder's linear parameters / linear FLOPs
-    (the same thing for a fixed frame count); target_latency_ms: encoder milliseconds per call at
-    `batch_size` on the model's device, from measured per-shape timings plus the measured time of
-    everything that is not a compressible linear."""
-    if sum(t is not None for t in (target_size, target_flops, target_latency_ms)) != 1:
-        raise ValueError("give exactly one of target_size, target_flops, target_latency_ms")
+    mel (B, n_mels, 3000): probe windows for the sensitivities. A latency budget is encoder
+    milliseconds per call at `batch_size` on the model's device, from measured per-shape timings
+    plus the measured time of everything that is not a compressible linear."""
     linears = encoder_linears(model)
     shapes = {name: tuple(reversed(dense_weight(m)[0].shape)) for name, m in linears.items()}  # (d_in, d_out)
-    curves = {}
-    for name, m in linears.items():
-        lam = torch.linalg.eigvalsh(calib.output_moments(name, m)[1]).flip(0).clamp(min=0)
-        cum = (lam.cumsum(0) / lam.sum().clamp(min=1e-30)).tolist()
-        curves[name] = [cum[k - 1] for k in range(16, len(cum) + 1, 16)]
+    curves = {name: explained(calib.output_moments(name, m)[1])[15::16] for name, m in linears.items()}  # k = 16, 32, …
     weights = sensitivities(model, calib, mel)
     report: dict = {"sensitivity": weights}
-    if target_latency_ms is None:
-        fraction = target_size if target_size is not None else target_flops
-        if not 0 < fraction <= 1:
-            raise ValueError(f"target fraction must lie in (0, 1], not {fraction}")
+    if budget.kind != "latency_ms":
         cost = {n: (lambda k, di=di, do=do: di * do if k is None else k * (di + do)) for n, (di, do) in shapes.items()}
-        budget = fraction * sum(di * do for di, do in shapes.values())
+        total = budget.value * sum(di * do for di, do in shapes.values())
     else:
-        from .bench import encoder_latency
+        from ..bench import encoder_latency
 
         p = next(model.parameters())
         ranks_per_shape: dict = {}
@@ -162,9 +181,9 @@ def allocate(model: Whisper, calib: Calibration, mel: Tensor, target_size: float
         fixed = max(0.0, encoder_latency(model, batch_size) - dense_linear)
         report.update(fixed_ms=fixed, dense_linear_ms=dense_linear)
         cost = {n: (lambda k, di=di, do=do: table[(di, do, k)]) for n, (di, do) in shapes.items()}
-        budget = target_latency_ms - fixed
+        total = budget.value - fixed
     layers = {n: options(*shapes[n], curves[n], weights[n], cost[n]) for n in linears}
-    choice = solve(layers, budget)
-    report.update(budget=budget, cost=sum(o.cost for o in choice.values()),
+    choice = solve(layers, total)
+    report.update(budget=total, cost=sum(o.cost for o in choice.values()),
                   modelled_error=sum(o.err for o in choice.values()))
     return {n: o.rank for n, o in choice.items()}, report

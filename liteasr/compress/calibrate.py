@@ -13,23 +13,19 @@ layers' outputs.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .model import Whisper, dense_weight
+from ..model import Whisper, dense_weight
 
 MIN_CLIPS = 8  # fewer clips give covariance estimates dominated by one or two speakers
 FRAME_POLICIES = ("audio", "all")  # statistics over frames of real audio, or over all 1500 (with padding)
-
-
 
 
 class Moments:
@@ -66,7 +62,7 @@ class Calibration:
 
     sites: dict[str, Moments]  # "encoder.layers.3.attn_in" -> Moments
     clip_ids: list[str]
-    frames: str
+    frame_policy: str  # one of FRAME_POLICIES
     seconds: float = 0.0
 
     @property
@@ -111,25 +107,20 @@ def _site_modules(model: Whisper, layers: list[int] | None = None) -> dict[str, 
     return sites
 
 
-def encoder_frames(num_samples: int) -> int:
-    """Encoder positions covering `num_samples` of real audio (2 mel frames of 160 samples each)."""
-    return min(1500, max(1, math.ceil(num_samples / 320)))
-
-
 @torch.inference_mode()
-def calibrate(model: Whisper, audio: list, frames: str = "audio", batch_size: int = 8,
+def calibrate(model: Whisper, audio: list, frame_policy: str = "audio", batch_size: int = 8,
               progress: bool = True, ids: list[str] | None = None, layers: list[int] | None = None) -> Calibration:
     """Run calibration audio (paths or 16-kHz arrays) through the encoder and stream moments.
 
-    frames="audio" counts only encoder frames of real audio; "all" also the 30-s zero padding
+    frame_policy="audio" counts only encoder frames of real audio; "all" also the 30-s zero padding
     (the reference implementation's behaviour). `layers` restricts the observed layers (default
     all); the forward pass stops after the last of them. Hooks are always removed, even on error."""
     from tqdm import tqdm
 
-    from .audio import N_SAMPLES, load_audio, log_mel_spectrogram, pad_or_trim
+    from ..audio import mel_batch
 
-    if frames not in FRAME_POLICIES:
-        raise ValueError(f"frames must be one of {FRAME_POLICIES}, not {frames!r}")
+    if frame_policy not in FRAME_POLICIES:
+        raise ValueError(f"frame_policy must be one of {FRAME_POLICIES}, not {frame_policy!r}")
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     d = model.dims.d_model
     sites = _site_modules(model, layers)
@@ -153,30 +144,25 @@ def calibrate(model: Whisper, audio: list, frames: str = "audio", batch_size: in
             handles.append(model.encoder.layers[max(layers)].register_forward_hook(stop))
         start = time.perf_counter()
         for i in tqdm(range(0, len(audio), batch_size), disable=not progress, desc="calibrate", unit="batch"):
-            chunk = [load_audio(a) if isinstance(a, (str, os.PathLike)) else np.asarray(a, np.float32)
-                     for a in audio[i: i + batch_size]]
-            mel = log_mel_spectrogram(np.stack([pad_or_trim(a) for a in chunk]), model.dims.num_mel_bins, device=device)
-            n = torch.tensor([encoder_frames(min(len(a), N_SAMPLES)) for a in chunk], device=device)
-            t = torch.arange(1500, device=device)
-            mask[:] = [t[None, :] < n[:, None] if frames == "audio" else torch.ones(len(chunk), 1500, dtype=torch.bool,
-                                                                                        device=device)]
+            mel, frame_mask = mel_batch(audio[i: i + batch_size], model.dims.num_mel_bins, device, dtype)
+            mask[:] = [frame_mask if frame_policy == "audio" else torch.ones_like(frame_mask)]
             try:
-                model.encoder(mel.to(dtype))
+                model.encoder(mel)
             except _Stop:
                 pass
     finally:
         for h in handles:
             h.remove()
     clip_ids = ids or [str(a) if isinstance(a, (str, os.PathLike)) else f"array{i}" for i, a in enumerate(audio)]
-    return Calibration(stats, clip_ids, frames, time.perf_counter() - start)
+    return Calibration(stats, clip_ids, frame_policy, time.perf_counter() - start)
 
 
 def select_calibration(source: str | os.PathLike, num_clips: int = 100, seed: int = 0) -> tuple[list[str], list[str]]:
     """Calibration audio from a manifest (a domain-stratified, seeded choice of `num_clips`) or a
     directory of audio files (the first `num_clips` by name). Returns (paths, ids); every clip is
     decoded once up front so that all unreadable clips are reported together, before any work."""
-    from .audio import load_audio
-    from .eval import read_manifest, split_clips
+    from ..audio import load_audio
+    from ..eval import read_manifest, split_clips
 
     src = Path(source)
     if src.is_dir():

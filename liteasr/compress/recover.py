@@ -15,14 +15,15 @@ import os
 import numpy as np
 import torch
 
-from .calibrate import encoder_frames
-from .model import LowRankLinear, Whisper
+from ..model import LowRankLinear, Whisper
 
 
-def _wer(model: Whisper, audio: list, refs: list[str]) -> float:
+def wer(model: Whisper, audio: list, refs: list[str]) -> float:
+    """Corpus WER of `model`'s transcripts of `audio` (paths or arrays) against `refs`, both normalised;
+    clips whose normalised reference is empty are left out."""
     import jiwer
 
-    from .eval import normalize
+    from ..eval import normalize
 
     hyps = [normalize(r["text"]) for r in model.transcribe(audio, batch_size=8)]
     refs = [normalize(r) for r in refs]
@@ -41,10 +42,10 @@ def recover(student: Whisper, teacher: Whisper, audio: list, steps: int = 50, lr
     n_val = max(1, int(len(audio) * val_fraction))
     train, val = audio[:-n_val], audio[-n_val:]
     val_refs = refs[-n_val:] if refs is not None else [r["text"] for r in teacher.transcribe(val, batch_size=8)]
-    before = _wer(student, val, val_refs)
+    before = wer(student, val, val_refs)
     saved = copy.deepcopy(student.state_dict())
     losses = distill(student, teacher, train, steps, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
-    after = _wer(student, val, val_refs)
+    after = wer(student, val, val_refs)
     kept = after <= before
     if not kept:
         student.load_state_dict(saved)
@@ -62,7 +63,7 @@ def distill(student: Whisper, teacher: Whisper, audio: list, steps: int, lr: flo
     Returns the loss of every step; `student` is left in eval mode with no parameter requiring grad."""
     from tqdm import tqdm
 
-    from .audio import N_SAMPLES, load_audio, log_mel_spectrogram, pad_or_trim
+    from ..audio import load_audio, mel_batch
 
     params = [p for m in student.encoder.modules() if isinstance(m, LowRankLinear) for p in m.parameters()]
     if not params:
@@ -85,10 +86,8 @@ def distill(student: Whisper, teacher: Whisper, audio: list, steps: int, lr: flo
                     a = audio[i]
                     cache[i] = load_audio(a) if isinstance(a, (str, os.PathLike)) else np.asarray(a, np.float32)
             clips = [cache[i] for i in idx]
-            mel = log_mel_spectrogram(np.stack([pad_or_trim(c) for c in clips]), student.dims.num_mel_bins,
-                                      device=device).to(dtype)
-            n = torch.tensor([encoder_frames(min(len(c), N_SAMPLES)) for c in clips], device=device)
-            mask = (torch.arange(1500, device=device)[None, :] < n[:, None])[..., None]  # (B, 1500, 1)
+            mel, frame_mask = mel_batch(clips, student.dims.num_mel_bins, device, dtype)
+            mask = frame_mask[..., None]  # (B, 1500, 1)
             with torch.no_grad():
                 target = teacher.encoder(mel)  # (B, 1500, d)
             out = student.encoder(mel)

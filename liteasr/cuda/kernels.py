@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import Attention, LowRankLinear
+from ..model import Attention, LowRankLinear
 
 try:  # optional: CUDA builds of torch ship Triton; without it `lowrank_attention` falls back to the reference
     import triton
@@ -227,15 +227,14 @@ def dense_attention_flops(T: int, H: int, d_h: int) -> int:
     return 4 * T * T * H * d_h
 
 
-def prefer_lowrank(r_k: int, r_v: int, d_h: int) -> bool:
-    """Whether the reduced-dimension path does fewer matmul FLOPs than the dense core: r_k + r_v < 2 d_h.
-
-    Only the T² terms are compared; the others are below max(r_q, d_h) / T of them (about 17 % at r_q = 256,
-    T = 1500). Both paths compute the same T² H exponentials, which bound FlashAttention at small head dims (SDPA
-    takes the same time at d_h = 64, 32 and 16), so a FLOP win is necessary, not sufficient: the benchmark
-    (benchmarks/attention_kernel.py) decides on real hardware.
-    """
-    return r_k + r_v < 2 * d_h
+def lowrank_attention_wins(r_k: int, r_v: int, d_h: int) -> bool:
+    """Whether the reduced-rank kernel beats SDPA, by the measured table in
+    docs/logs/gpu-attention-kernel-h200-graph.log (H200, large-v3 heads, T = 1500, CUDA-graph replay): at
+    r_k = r_v = 16 / 32 it took 0.74-0.94x SDPA's time at batch 8 and 32 and tied at batch 1, at 64 / 64 it
+    was 1.0-1.2x slower, at 128 / 128 1.6-1.8x slower. So: r_k + r_v <= d_h. The FLOP rule alone,
+    r_k + r_v < 2 d_h, is necessary but not sufficient: both paths compute the same T² H exponentials, which
+    bound FlashAttention at small head dims."""
+    return r_k + r_v <= d_h
 
 
 def factors_from_attention(attn: Attention) -> dict:

@@ -1,11 +1,10 @@
-"""LiteASR compression: calibrate -> PCA -> ranks (the plan) -> factor -> swap modules in place.
+"""The plan: PCA of each linear's outputs -> one rank per linear (the rank rule) -> factor and swap.
 
-1. `calibrate` (calibrate.py) streams speech through the encoder and keeps float64 moments, from
-   which every linear's output mean and covariance follow exactly.
-2. `make_plan` eigen-decomposes each output covariance and picks the smallest multiple of 16
-   explaining more than θ of the variance, keeping a layer dense when factoring saves no FLOPs.
-   The plan (ranks + explained-variance curves + sizes) is small, saveable and editable.
-3. `apply_plan` factors y ≈ V_k (V_kᵀ W) x + μ + V_k V_kᵀ (b − μ) and swaps in LowRankLinear.
+`make_plan` eigen-decomposes each output covariance (from calibrate.py's moments) and picks the
+smallest multiple of 16 explaining more than θ of the variance, keeping a layer dense when
+factoring saves no FLOPs. The plan (ranks + explained-variance curves + sizes) is small, saveable
+and editable. `apply_plan` factors y ≈ V_k (V_kᵀ W) x + μ + V_k V_kᵀ (b − μ) through
+`LowRankLinear.from_pca` and swaps the factors in.
 """
 
 from __future__ import annotations
@@ -16,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .calibrate import MIN_CLIPS, Calibration, calibrate
-from .model import LowRankLinear, Whisper, dense_weight, encoder_linears, set_module
+from .. import atomic
+from ..model import LowRankLinear, Whisper, dense_weight, encoder_linears, set_module
+from .calibrate import Calibration
 
 PRESETS = {"a": "0.999", "b": "0.99:0.999", "c": "0.99:0.995"}
 ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -60,12 +60,13 @@ class Plan:
     """The result of the search: per-linear ranks plus what they were chosen from. Small and JSON-able."""
 
     threshold: tuple[float, float]
-    frames: str
+    frame_policy: str  # calibration statistics over "audio" frames or "all" 1500 (calibrate.FRAME_POLICIES)
     layers: dict[str, LayerReport]
     calibration: list[str] = field(default_factory=list)  # calibration clip ids (keep them out of evaluation)
     calibration_s: float = 0.0
     sequential: bool = False  # calibrated layer by layer on the compressed prefix
     allocation: dict = field(default_factory=dict)  # budgeted allocation report (sensitivities, budget)
+    recovery: dict | None = None  # recovery (distillation) report, when it ran
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -91,6 +92,8 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         data = json.loads(text)
+        if "frames" in data:  # plans written before the field was named for what it holds
+            data["frame_policy"] = data.pop("frames")
         layers = {n: LayerReport(**r) for n, r in data.pop("layers").items()}
         return cls(layers=layers, **{k: (tuple(v) if k == "threshold" else v) for k, v in data.items()})
 
@@ -130,25 +133,11 @@ def make_plan(model: Whisper, calib: Calibration, threshold: str | float = "0.99
         if isinstance(layer, LowRankLinear) and (rank is None or rank >= layer.rank):
             rank, explained = layer.rank, 1.0  # already factored: never grow or densify it
         layers[name] = LayerReport(d_in, d_out, rank, round(explained, 6), curve)
-    return Plan(theta, calib.frames, layers, list(calib.clip_ids), round(calib.seconds, 2))
+    return Plan(theta, calib.frame_policy, layers, list(calib.clip_ids), round(calib.seconds, 2))
 
 
 # ---------------------------------------------------------------------------------------------------
 # 3. factor and swap
-
-
-def factor(layer: nn.Module, mean: Tensor, cov: Tensor, rank: int) -> LowRankLinear:
-    """PCA factors of `layer` at `rank`: weight1 = Wᵀ V_k (in, k), weight2 = V_kᵀ (k, out),
-    bias = μ + V_k V_kᵀ (b − μ). Computed in float64, stored in the layer's dtype."""
-    w, b = dense_weight(layer)
-    dtype = w.dtype
-    w = w.detach().to(cov.device, torch.float64)  # (out, in)
-    b = b.detach().to(w) if b is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
-    v = vecs[:, -rank:].flip(1)  # (out, k): top-k principal directions
-    bias = mean + v @ (v.T @ (b - mean))
-    out = LowRankLinear.from_factors((w.T @ v).to(dtype), v.T.contiguous().to(dtype), bias.to(dtype))
-    return out.to(layer.weight1.device if isinstance(layer, LowRankLinear) else layer.weight.device)
 
 
 @torch.no_grad()  # not inference_mode: the new parameters must stay usable for training (recovery)
@@ -160,79 +149,18 @@ def apply_plan(model: Whisper, calib: Calibration, plan: Plan) -> Whisper:
         if isinstance(layer, LowRankLinear) and layer.rank == rank:
             continue
         mean, cov = calib.output_moments(name, layer)
-        set_module(model, name, factor(layer, mean, cov, rank))
+        set_module(model, name, LowRankLinear.from_pca(layer, mean, cov, rank))
     return model
 
 
-def compress(model: Whisper, calibration_audio: list, threshold: str | float = "0.99:0.999",
-             frames: str = "audio", batch_size: int = 8, plan: Plan | None = None, progress: bool = True,
-             ids: list[str] | None = None, sequential: bool = False, target_size: float | None = None,
-             target_flops: float | None = None, target_latency_ms: float | None = None,
-             calibration: Calibration | None = None) -> Plan:
-    """Compress `model`'s encoder in place with LiteASR; returns the Plan (its `.ranks` is {name: rank}).
+def footprint(model: Whisper) -> dict[str, int]:
+    """Encoder parameters (all tensors), encoder linear-layer parameters and encoder FLOPs per 30-s
+    window of `model` as it is now."""
+    from ..bench import encoder_flops
 
-    calibration_audio: paths or 16-kHz float arrays (at least MIN_CLIPS).
-    threshold: θ or θ_attention:θ_mlp, or a preset letter; ignored when a plan or a target is given.
-    plan: apply this plan's ranks instead of searching.
-    sequential: calibrate layer by layer on the outputs of the layers already compressed (one pass
-        per layer, each stopping at that layer) instead of every layer on the dense model.
-    target_size / target_flops / target_latency_ms: choose all ranks jointly under this budget
-        (fraction of the dense encoder's linear parameters / FLOPs, or encoder ms on this device;
-        see allocate.py) instead of one θ per layer type.
-    calibration: statistics already collected on this (still dense) model with the same clips and
-        frame policy, e.g. by a sweep; reused instead of a first calibration pass.
-    """
-    if len(calibration_audio) < MIN_CLIPS:
-        raise ValueError(f"calibration set has {len(calibration_audio)} clips; at least {MIN_CLIPS} are needed")
-    frames = plan.frames if plan else frames
-    ranks = plan.ranks if plan else None
-    report = {}
-    if any(t is not None for t in (target_size, target_flops, target_latency_ms)):
-        from .allocate import allocate
-
-        calib = calibration or calibrate(model, calibration_audio, frames, batch_size, progress, ids)
-        ranks, report = allocate(model, calib, _probe_mel(model, calibration_audio), target_size, target_flops,
-                                 target_latency_ms)
-        if not sequential:
-            chosen = make_plan(model, calib, threshold, ranks)
-            apply_plan(model, calib, chosen)
-            chosen.allocation = report
-            return chosen
-    passes = [[i] for i in range(len(model.encoder.layers))] if sequential else [None]
-    chosen: Plan | None = None
-    for layers in passes:
-        if layers is None and calibration is not None and calibration.frames == frames:
-            calib = calibration
-        else:
-            calib = calibrate(model, calibration_audio, frames=frames, batch_size=batch_size, progress=progress,
-                              ids=ids, layers=layers)
-        part = make_plan(model, calib, plan.threshold if plan else threshold, ranks)
-        apply_plan(model, calib, part)
-        if chosen is None:
-            chosen = part
-        else:
-            chosen.layers.update(part.layers)
-            chosen.calibration_s += part.calibration_s
-    chosen.sequential, chosen.allocation = sequential, report
-    return chosen
-
-
-def _probe_mel(model: Whisper, audio: list, n: int = 4) -> Tensor:
-    """Log-mel windows (n, n_mels, 3000) of the first n calibration clips, for sensitivity probes."""
-    import numpy as np
-
-    from .audio import load_audio, log_mel_spectrogram, pad_or_trim
-
-    p = next(model.parameters())
-    clips = [load_audio(a) if isinstance(a, (str, os.PathLike)) else np.asarray(a, np.float32) for a in audio[:n]]
-    return log_mel_spectrogram(np.stack([pad_or_trim(c) for c in clips]), model.dims.num_mel_bins,
-                               device=p.device).to(p.dtype)
-
-
-def encoder_size(model: Whisper) -> dict[str, int]:
-    """Encoder parameter count (all tensors) and linear-layer parameter count of `model` as it is now."""
     linear = sum(p.numel() for m in encoder_linears(model).values() for p in m.parameters() if p.dim() == 2)
-    return {"encoder_params": sum(p.numel() for p in model.encoder.parameters()), "encoder_linear_params": linear}
+    return {"encoder_params": sum(p.numel() for p in model.encoder.parameters()), "encoder_linear_params": linear,
+            "encoder_flops": encoder_flops(model)}
 
 
 def rank_table(plan: Plan) -> str:
@@ -249,20 +177,17 @@ def rank_table(plan: Plan) -> str:
     s = plan.sizes()
     lines.append(f"\nencoder linear parameters: {s['linear_params_after']:,} of {s['linear_params_before']:,} "
                  f"({100 * s['linear_params_after'] / s['linear_params_before']:.1f} %), θ = {plan.threshold}, "
-                 f"frames = {plan.frames}")
+                 f"frame policy = {plan.frame_policy}")
     return "\n".join(lines)
 
 
 def save_plan(plan: Plan, path: str | os.PathLike) -> Path:
     """Write the plan as JSON, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(plan.to_json())
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, plan.to_json())
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
+    """A plan written by `save_plan` (or `liteasr compress --plan-only`); ValueError names a bad file."""
     try:
         return Plan.from_json(Path(path).read_text())
     except (OSError, json.JSONDecodeError, TypeError, KeyError) as e:

@@ -8,59 +8,59 @@ the dense encoder in the same run. Writes sweep.json, sweep.md and sweep.png (Pa
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from .bench import encoder_flops, encoder_latency
+from .. import atomic
+from ..bench import encoder_latency
+from ..eval import Clip, evaluate, format_table, transcribe_clips
+from ..model import Whisper
+from . import CompressConfig, compress
 from .calibrate import Calibration, calibrate
-from .compress import apply_plan, encoder_size, make_plan
-from .eval import Clip, evaluate, format_table
-from .model import Whisper
-from .transcribe import transcribe
+from .plan import apply_plan, footprint, make_plan
+from .recover import recover
 
 
-def _eval(model: Whisper, clips: list[Clip], batch_size: int) -> dict:
-    def run(batch: list[Clip]) -> list[str]:
-        lang = batch[0].lang if all(c.lang == batch[0].lang for c in batch) else None
-        return [r["text"] for r in transcribe(model, [str(c.audio) for c in batch], language=lang,
-                                              batch_size=batch_size)]
-    return evaluate(run, clips, batch_size=batch_size, progress=False)
+def _evaluate(model: Whisper, clips: list[Clip], batch_size: int) -> dict:
+    return evaluate(functools.partial(transcribe_clips, model, batch_size=batch_size), clips, batch_size=batch_size,
+                    progress=False)
 
 
 def _point(model: Whisper, label: str, report: dict, dense: dict, latency_ms: float, dense_ms: float) -> dict:
-    size = encoder_size(model)
+    size = footprint(model)
     return {"label": label, "wer": report["overall"]["error_rate"],
             "by_domain": {d: g["error_rate"] for d, g in report["by_domain"].items()},
             "encoder_params": size["encoder_params"], "encoder_linear_params": size["encoder_linear_params"],
             "encoder_fraction": size["encoder_params"] / dense["encoder_params"],
             "linear_fraction": size["encoder_linear_params"] / dense["encoder_linear_params"],
-            "encoder_gflops": encoder_flops(model) / 1e9, "latency_ms": latency_ms,
+            "encoder_gflops": size["encoder_flops"] / 1e9, "latency_ms": latency_ms,
             "speedup": dense_ms / latency_ms, "rtfx": report["rtfx"], "low_rank_config": model.low_rank_config}
 
 
 def sweep(model: Whisper, calibration: list[Clip], evaluation: list[Clip], thresholds: list[str],
-          frames: tuple[str, ...] = ("audio",), batch_size: int = 8, out_dir: str | os.PathLike = "sweep",
-          progress: bool = True, methods: dict[str, list[dict]] | None = None) -> list[dict]:
+          frame_policies: tuple[str, ...] = ("audio",), batch_size: int = 8, out_dir: str | os.PathLike = "sweep",
+          progress: bool = True, methods: dict[str, list[CompressConfig]] | None = None) -> list[dict]:
     """Evaluate the dense model, each (frame policy, θ) point of the faithful method, and each point
-    of the extra `methods` ({curve label: [compress() keyword arguments, …]}); returns the rows and
-    writes sweep.json / sweep.md / sweep.png to `out_dir`."""
-    from .compress import compress
-
+    of the extra `methods` ({curve label: [CompressConfig, …]}); returns the rows and writes
+    sweep.json / sweep.md / sweep.png to `out_dir`."""
     assert not {c.id for c in calibration} & {c.id for c in evaluation}, "calibration and evaluation clips overlap"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths, ids = [str(c.audio) for c in calibration], [c.id for c in calibration]
-    dense_size = encoder_size(model)
+    dense_size = footprint(model)
     dense_ms = encoder_latency(model)
-    dense_report = _eval(model, evaluation, batch_size)
-    rows = [_point(model, "dense", dense_report, dense_size, dense_ms, dense_ms) | {"threshold": None, "frames": None,
+    dense_report = _evaluate(model, evaluation, batch_size)
+    rows = [_point(model, "dense", dense_report, dense_size, dense_ms, dense_ms) | {"threshold": None,
+                                                                                    "frame_policy": None,
                                                                                     "curve": "dense"}]
     print(format_table(dense_report))
 
     def add(compressed: Whisper, label: str, curve: str, extra: dict) -> None:
         ms, dense_now = encoder_latency(compressed), encoder_latency(model)  # ratios from one run
-        report = _eval(compressed, evaluation, batch_size)
+        report = _evaluate(compressed, evaluation, batch_size)
         row = _point(compressed, label, report, dense_size, ms, dense_now) | {"curve": curve} | extra
         rows.append(row)
         print(f"{label}: WER {row['wer']:.2%}, encoder {row['encoder_fraction']:.1%}, "
@@ -68,46 +68,50 @@ def sweep(model: Whisper, calibration: list[Clip], evaluation: list[Clip], thres
         _write(rows, out, calibration, evaluation)
 
     calibs: dict[str, Calibration] = {}
-    for policy in frames:  # the faithful method: statistics once per frame policy, every θ reuses them
-        calib = calibs[policy] = calibrate(model, paths, frames=policy, batch_size=batch_size, progress=progress,
-                                           ids=ids)
+    for policy in frame_policies:  # the faithful method: statistics once per frame policy, every θ reuses them
+        calib = calibs[policy] = calibrate(model, paths, policy, batch_size, progress, ids)
         for theta in thresholds:
             compressed = copy.deepcopy(model)
             apply_plan(compressed, calib, make_plan(compressed, calib, theta))
             add(compressed, f"{policy} θ={theta}", f"LiteASR θ, frames={policy}",
-                {"threshold": theta, "frames": policy, "calibration_s": calib.seconds})
-    done: dict[str, tuple[Whisper, object]] = {}  # compress() arguments -> (compressed model, plan)
-    for curve, points in (methods or {}).items():
-        for kwargs in points:
-            steps = kwargs.get("recover_steps", 0)
-            args = {k: v for k, v in kwargs.items() if k != "recover_steps"}
-            key = json.dumps(args, sort_keys=True)
+                {"threshold": theta, "frame_policy": policy, "calibration_s": calib.seconds})
+    done: dict[CompressConfig, tuple[Whisper, object]] = {}  # config without recovery -> (compressed model, plan)
+    for curve, configs in (methods or {}).items():
+        for config in configs:
+            key = replace(config, recover_steps=0, progress=progress)
             if key in done:  # e.g. recovery on top of a point already compressed: same (deterministic) result
                 compressed, plan = copy.deepcopy(done[key][0]), done[key][1]
             else:
                 compressed = copy.deepcopy(model)
-                plan = compress(compressed, paths, batch_size=batch_size, progress=progress, ids=ids,
-                                calibration=calibs.get(args.get("frames", "audio")), **args)
+                plan = compress(compressed, paths, key, ids=ids, calibration=calibs.get(key.frame_policy))
                 done[key] = (copy.deepcopy(compressed), plan)
             recovery = None
-            if steps:  # distil toward the dense model on the calibration clips only (recover.py)
-                from .recover import recover
-
-                recovery = recover(compressed, model, paths, steps=steps, refs=[c.text for c in calibration],
-                                   progress=progress)
-            label = f"{curve} " + ",".join(f"{k}={v}" for k, v in kwargs.items() if k not in ("frames",))
-            add(compressed, label, curve, {"threshold": kwargs.get("threshold"), "frames": plan.frames,
-                                           "method": kwargs, "allocation": plan.allocation, "recovery": recovery})
+            if config.recover_steps:  # distil toward the dense model on the calibration clips only
+                recovery = recover(compressed, model, paths, steps=config.recover_steps,
+                                   refs=[c.text for c in calibration], progress=progress)
+            label = f"{curve} " + ",".join(f"{k}={v}" for k, v in _changed(config).items())
+            add(compressed, label, curve, {"threshold": config.threshold, "frame_policy": plan.frame_policy,
+                                           "method": _changed(config), "allocation": plan.allocation,
+                                           "recovery": recovery})
     return rows
+
+
+def _changed(config: CompressConfig) -> dict:
+    """The fields of `config` that differ from the defaults (budget flattened), e.g. {'budget_size': 0.7}."""
+    default = asdict(CompressConfig())
+    out = {k: v for k, v in asdict(config).items() if v != default[k] and k not in ("progress", "frame_policy")}
+    if "budget" in out:
+        budget = out.pop("budget")
+        out = {f"budget_{budget['kind']}": budget["value"], **out}
+    return out
 
 
 def _write(rows: list[dict], out: Path, calibration: list[Clip], evaluation: list[Clip]) -> None:
     data = {"rows": rows, "calibration": [c.id for c in calibration], "evaluation": [c.id for c in evaluation]}
-    tmp = out / ".sweep.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, out / "sweep.json")
-    (out / "sweep.md").write_text(report_md(rows))
-    plot(rows, out / "sweep.png")
+    atomic.write_text(out / "sweep.json", json.dumps(data, indent=1))
+    atomic.write_text(out / "sweep.md", report_md(rows))
+    with atomic.file(out / "sweep.png") as tmp:
+        plot(rows, tmp)
 
 
 def report_md(rows: list[dict]) -> str:
@@ -172,5 +176,5 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     axes[0].legend(fontsize=8, loc="upper right")
     fig.suptitle(title or "accuracy vs size and speed (held-out clips)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # explicit: the path may be a temporary name
     plt.close(fig)
