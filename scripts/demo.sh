@@ -11,7 +11,7 @@
 # WER). The stronger point, budget + sequential + 20 recovery steps at 75 % of the linear
 # parameters (78.5 % of the encoder, 10.60 % WER, 1.14x), needs ~12 CPU-minutes of calibration and
 # distillation, too long for a demo:
-#   liteasr compress tiny.en --calibration ../shared/data/speech-dev/manifest.jsonl --num-clips 64 \
+#   liteasr compress --model tiny.en --calibration ../shared/data/speech-dev/manifest.jsonl --num-clips 64 \
 #       --target-size 0.75 --sequential --recover-steps 20 -o out/tiny.en-lite-75
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ echo "== transcribe three real clips with tiny.en"
 $L transcribe --model tiny.en --no-progress "$DEV/audio/jfk_inaugural.flac" \
   "$DEV/audio/ls_other_1688-142285-0000.flac" "$DEV/audio/arctic_kathleen_arctic_a0007.flac"
 echo "== compress tiny.en's encoder (LiteASR preset c, 64 calibration clips)"
-$L compress tiny.en --calibration "$DEV/manifest.jsonl" --preset c --num-clips 64 \
+$L compress --model tiny.en --calibration "$DEV/manifest.jsonl" --preset c --num-clips 64 \
   --output "$LITE" --overwrite --no-progress
 echo "== WER on $CLIPS held-out clips (never the calibration ones): dense, then compressed"
 for m in tiny.en "$LITE"; do
