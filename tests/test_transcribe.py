@@ -15,7 +15,8 @@ import torch
 
 from liteasr.audio import SAMPLE_RATE
 from liteasr.eval import Clip, normalize, score
-from liteasr.transcribe import OUTPUT_FORMATS, compression_ratio, format_timestamp, render, write_result
+from liteasr.decoding import compression_ratio
+from liteasr.transcribe import OUTPUT_FORMATS, format_timestamp, render, write_result
 
 HF_BATCH = 8  # transformers' generate is the slow side on CPU: batch it like liteasr
 MAX_NEW_TOKENS = 224  # liteasr's default (half the decoder context), so a looping clip stops at the same place

@@ -16,7 +16,6 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 
 from ..transcribe import TranscribeOptions, read_audio, split_points, stitch
 from .cluster import RayOptions, connect
