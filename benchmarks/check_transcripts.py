@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +19,9 @@ import liteasr
 from liteasr.audio import load_audio
 
 SPEECH_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech-dev"
-CHECK_STRIDE, JFK_ID = 15, "jfk_inaugural"
-
-
-def check_clips(manifest: Path) -> list[dict]:
-    """The same rule as tests/conftest.py's check_clips fixture."""
-    rows = sorted((json.loads(x) for x in manifest.read_text().splitlines() if x.strip()), key=lambda r: r["id"])
-    short = [r for r in rows if r["duration_s"] <= 30.0]
-    chosen = short[::CHECK_STRIDE]
-    domains = {r["domain"] for r in chosen}
-    for r in short:
-        if r["domain"] not in domains:
-            chosen.append(r)
-            domains.add(r["domain"])
-    if not any(r["id"] == JFK_ID for r in chosen):
-        chosen += [r for r in short if r["id"] == JFK_ID]
-    return chosen
+sys.path.insert(0, str(Path(__file__).parent))
+from cuda_real_weights import check_clip_rows as check_clips  # noqa: E402  (the tests' check-clip rule, once)
+import pcm  # noqa: E402  benchmarks/pcm.py
 
 
 def main() -> None:
@@ -50,11 +38,6 @@ def main() -> None:
     ap.add_argument("--save-audio", default=None, help="write the clips as int16 PCM (.npz) for the GPU machine")
     ap.add_argument("--audio", default=None, help="read the clips from such an .npz instead of the manifest")
     a = ap.parse_args()
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    import pcm  # benchmarks/pcm.py
-
     if a.audio:
         arrays, ids = pcm.load(Path(a.audio)), None
     else:
