@@ -2,10 +2,8 @@
 
     # CPU (this machine): one transcriber worker with T threads vs in-process transcribe with T threads
     python benchmarks/ray_overhead.py --clips 240 --threads 2 --repeats 3
-    # GPU (one H200, no network, no libsndfile, no ../shared): write the clips here, carry them and a model
-    python benchmarks/ray_overhead.py --clips 1000 --write-bundle .gpu/ray/clips.npz
-    python benchmarks/ray_overhead.py --device cuda --bundle .gpu/ray/clips.npz --model .gpu/real/<model dir> \
-        --batch-size 32 --repeats 3
+    # GPU (one H200, no network): Ray and the clips travel as benchmarks/ray_gpu_bundle.sh packs them
+    bash benchmarks/ray_gpu_run.sh 16000     # on the lent machine, after the bundle's first call
 
 After an untimed warm-up of both on 8 clips, each repeat runs both paths back to back (in-process first, then
 Ray), so that machine load drifts hit both; the medians are compared. In-process: load the model (and CudaRuntime) + transcribe(model, paths). Ray:
@@ -15,10 +13,8 @@ of the CLI; its time is printed separately). The transcripts of both paths are c
 
 Without Ray installed, or with --bundle (arrays, no files to read), the script runs the in-process side
 against the worker side without Ray: the clips cut into pieces as `read_pieces` cuts them and fed through
-`Transcriber` batches exactly as Ray Data feeds them. That is the case on the GPU machine (no network, and
-ray + pyarrow wheels are 134 MB, more than what travels with a run); it measures what a worker does beyond
-in-process transcribe (bytes -> arrays, batches of batch_size pieces instead of transcribe_iter's pool of
-max_active inputs), not Ray's scheduling and object store (measured on CPU).
+`Transcriber` batches exactly as Ray Data feeds them: what a worker does beyond in-process transcribe,
+not Ray's scheduling and object store.
 """
 
 from __future__ import annotations
